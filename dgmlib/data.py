@@ -1,0 +1,157 @@
+"""Datasets of the course: scikit-learn's 8x8 digits (default, embedded), 2D toys, MNIST.
+
+The digits are 1797 greyscale 8x8 images with 17 grey levels (0..16). They ship with
+scikit-learn, so nothing is downloaded. The split is fixed: a permutation seeded with 0,
+then 1000 train / 350 validation / 447 test images, the sizes used by Tomczak's ``intro_dgm``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DIGITS_LEVELS = 17
+DIGITS_SHAPE = (1, 8, 8)
+DIGITS_SPLIT = {"train": (0, 1000), "val": (1000, 1350), "test": (1350, 1797)}
+DIGITS_SEED = 0
+
+TOY_NAMES = ("8gaussians", "checkerboard", "2spirals", "moons", "pinwheel", "swissroll")
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Train/val/test tensors of discrete images plus what a model needs to know about them.
+
+    Attributes:
+        train, val, test: float32 tensors of shape ``(N, C, H, W)`` holding integer levels.
+        num_levels: number of grey levels ``K`` (values lie in ``{0..K-1}``).
+        name: dataset name.
+    """
+
+    train: Tensor
+    val: Tensor
+    test: Tensor
+    num_levels: int
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Image shape ``(C, H, W)``."""
+        return tuple(self.train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_dims(self) -> int:
+        """Dimensions per image ``D = C * H * W`` (the denominator of bits/dim)."""
+        return math.prod(self.shape)
+
+
+def load_digits(split: str = "train", flat: bool = False) -> Tensor:
+    """Return one split of scikit-learn's digits as integer levels 0..16 (float32).
+
+    Args:
+        split: ``"train"`` (1000), ``"val"`` (350) or ``"test"`` (447).
+        flat: return ``(N, 64)`` instead of ``(N, 1, 8, 8)``.
+
+    Raises:
+        ValueError: for an unknown split.
+    """
+    if split not in DIGITS_SPLIT:
+        raise ValueError(f"split must be one of {sorted(DIGITS_SPLIT)}, got {split!r}")
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    images = _sk_load_digits().images.astype(np.float32)  # (1797, 8, 8), values 0..16
+    order = np.random.default_rng(DIGITS_SEED).permutation(len(images))
+    start, stop = DIGITS_SPLIT[split]
+    x = torch.from_numpy(images[order[start:stop]]).unsqueeze(1)  # (N, 1, 8, 8)
+    return x.flatten(1) if flat else x
+
+
+def load_mnist(split: str = "train", root: str = "~/.cache/dgm/mnist") -> Tensor:
+    """Return MNIST as integer levels 0..255 (float32), shape ``(N, 1, 28, 28)``; needs torchvision.
+
+    ``"train"`` is the first 55000 training images, ``"val"`` the last 5000, ``"test"`` the 10000
+    test images. This downloads on first use (meant for Colab).
+
+    Raises:
+        ValueError: for an unknown split.
+        ImportError: if torchvision is not installed, saying how to install it.
+    """
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    try:
+        from torchvision.datasets import MNIST
+    except ImportError as err:  # pragma: no cover - depends on the machine
+        raise ImportError("MNIST needs torchvision: run `pip install torchvision` "
+                          "(it is preinstalled on Colab), or use the bundled digits") from err
+    import os
+
+    ds = MNIST(os.path.expanduser(root), train=split != "test", download=True)
+    x = ds.data.float().unsqueeze(1)  # (N, 1, 28, 28)
+    if split == "train":
+        return x[:55000]
+    return x[55000:] if split == "val" else x
+
+
+def load_image_data(name: str = "digits") -> ImageData:
+    """Load train/val/test of ``"digits"`` or ``"mnist"`` as an ``ImageData``.
+
+    Raises:
+        ValueError: for an unknown name. ImportError: for MNIST without torchvision.
+    """
+    if name == "digits":
+        return ImageData(load_digits("train"), load_digits("val"), load_digits("test"), DIGITS_LEVELS, name)
+    if name == "mnist":
+        return ImageData(load_mnist("train"), load_mnist("val"), load_mnist("test"), 256, name)
+    raise ValueError(f"unknown dataset {name!r}; choose 'digits' or 'mnist'")
+
+
+def toy_2d(name: str, n: int = 1000, seed: int = 0) -> Tensor:
+    """Sample ``n`` points of a 2D toy density, shape ``(n, 2)``, float32, roughly in [-4, 4]^2.
+
+    Names: ``8gaussians``, ``checkerboard``, ``2spirals``, ``moons``, ``pinwheel``, ``swissroll``
+    (the toy set of FFJORD, Grathwohl et al. 2019, Fig. 2). The same seed gives the same points.
+
+    Raises:
+        ValueError: for an unknown name or ``n < 1``.
+    """
+    if name not in TOY_NAMES:
+        raise ValueError(f"unknown toy dataset {name!r}; choose one of {', '.join(TOY_NAMES)}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(seed)
+    if name == "8gaussians":
+        angles = rng.integers(0, 8, n) * (2 * np.pi / 8)
+        centres = 2.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        x = centres + 0.2 * rng.standard_normal((n, 2))
+    elif name == "checkerboard":
+        x1 = rng.uniform(-2, 2, n)
+        x2 = rng.uniform(0, 1, n) + rng.integers(0, 2, n) * 2 - 2 + np.floor(x1) % 2
+        x = 2.0 * np.stack([x1, x2], axis=1)
+    elif name == "2spirals":
+        t = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi  # angle, denser near the centre
+        sign = rng.integers(0, 2, n) * 2 - 1  # which arm
+        r = t / np.pi
+        x = sign[:, None] * np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+        x = x + 0.1 * rng.standard_normal((n, 2))
+    elif name == "moons":
+        from sklearn.datasets import make_moons
+
+        pts, _ = make_moons(n, noise=0.05, random_state=seed)
+        x = 2.0 * (pts - np.array([0.5, 0.25]))
+    elif name == "pinwheel":
+        arms, radial_sd, tangential_sd, rate = 5, 0.3, 0.08, 0.25
+        arm = rng.integers(0, arms, n)
+        feats = rng.standard_normal((n, 2)) * np.array([radial_sd, tangential_sd]) + np.array([1.0, 0.0])
+        angle = arm * 2 * np.pi / arms + rate * np.exp(feats[:, 0])
+        rot = np.stack([np.cos(angle), -np.sin(angle), np.sin(angle), np.cos(angle)], axis=1).reshape(n, 2, 2)
+        x = 2.0 * np.einsum("ni,nji->nj", feats, rot)
+    else:  # swissroll
+        from sklearn.datasets import make_swiss_roll
+
+        pts, _ = make_swiss_roll(n, noise=0.5, random_state=seed)
+        x = pts[:, [0, 2]] / 5.0
+    return torch.from_numpy(np.asarray(x, dtype=np.float32))

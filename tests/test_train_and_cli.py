@@ -1,0 +1,106 @@
+"""The fit loop, evaluation, checkpoints, plots and the dgm CLI."""
+
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from torch import nn
+
+from dgmlib import data, flows, plots
+from dgmlib.cli import main
+from dgmlib.train import History, evaluate, fit, load_checkpoint, save_checkpoint
+
+
+def _small_flow():
+    return flows.realnvp((1, 8, 8), num_couplings=2, hidden=16, num_levels=17)
+
+
+def test_fit_improves_and_keeps_best_weights():
+    flow = _small_flow()
+    train, val = data.load_digits("train")[:200], data.load_digits("val")[:100]
+    before = evaluate(flow, val)
+    hist = fit(flow, train, val, epochs=4, batch_size=50, lr=3e-3, progress=False)
+    assert len(hist.train_loss) == 4 and len(hist.val_loss) == 4 and len(hist.step_loss) == 16
+    assert min(hist.val_loss) < before
+    # the restored weights are those of the best epoch
+    assert evaluate(flow, val) == pytest.approx(hist.val_loss[hist.best_epoch], rel=1e-6)
+    assert evaluate(flow, val) == evaluate(flow, val)  # evaluation noise is fixed
+
+
+def test_fit_time_budget_stops_early():
+    hist = fit(_small_flow(), data.load_digits("train"), epochs=1000, time_budget=0.5, progress=False)
+    assert hist.stopped_early and len(hist.train_loss) < 1000 and hist.seconds < 5
+
+
+def test_fit_raises_on_nan_loss():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def nll(self, y):
+            return self.w + torch.log(torch.zeros(len(y)) - 1)  # NaN
+
+    with pytest.raises(FloatingPointError, match="epoch 0, step 0"):
+        fit(Bad(), torch.zeros(8, 2), epochs=1, progress=False)
+
+
+def test_fit_rejects_bad_settings():
+    with pytest.raises(ValueError, match="epochs"):
+        fit(_small_flow(), data.load_digits("val"), epochs=0, progress=False)
+    with pytest.raises(TypeError, match="nll"):
+        fit(nn.Linear(2, 2), torch.zeros(4, 2), progress=False)
+
+
+def test_fit_with_clipping_and_custom_loss():
+    flow = flows.planar_flow(2, 4)
+    x = data.toy_2d("moons", 256)
+    hist = fit(flow, x, loss_fn=lambda b: -flow.log_prob(b), epochs=3, clip_grad=1.0, progress=False)
+    assert hist.train_loss[-1] < hist.train_loss[0]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    flow = _small_flow()
+    fit(flow, data.load_digits("val"), epochs=1, progress=False)
+    save_checkpoint(tmp_path / "m.pt", flow, note="hi")
+    fresh = _small_flow()
+    meta = load_checkpoint(tmp_path / "m.pt", fresh)
+    assert meta == {"note": "hi"}
+    y = data.load_digits("test")[:16]
+    assert evaluate(fresh, y) == evaluate(flow, y)
+    for a, b in zip(flow.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_plots_return_figures():
+    fig = plots.image_grid(data.load_digits("val")[:10], nrow=4, vmax=16, title="digits")
+    assert fig.axes
+    flow = flows.planar_flow(2, 2)
+    fig = plots.density_2d(flow.log_prob, samples=data.toy_2d("moons", 50), resolution=20)
+    assert fig.axes
+    fig = plots.training_curves(History(train_loss=[3, 2], val_loss=[3.5, 2.5], best_epoch=1))
+    assert fig.axes
+    with pytest.raises(ValueError, match="shape"):
+        plots.image_grid(torch.zeros(2, 8, 8))
+    plt.close("all")
+
+
+def test_cli_list(capsys):
+    assert main(["list"]) == 0
+    assert "realnvp" in capsys.readouterr().out
+
+
+def test_cli_train_fast(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "realnvp", "--fast", "--epochs", "1", "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test_nll_nats", "test_bits_per_dim", "train_seconds", "num_params"):
+        assert key in metrics
+    assert metrics["test_bits_per_dim"] == pytest.approx(metrics["test_nll_nats"] / (64 * 0.6931471805599453))
+    assert (out / "samples.png").stat().st_size > 0 and (out / "model.pt").exists()
+
+
+def test_cli_rejects_unknown_model():
+    with pytest.raises(SystemExit):
+        main(["train", "glow9000"])
