@@ -3,7 +3,10 @@
 import os
 
 os.environ.setdefault("DGM_FAST", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # in this process only: executed notebooks keep the inline backend and their figures
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

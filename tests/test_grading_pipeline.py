@@ -47,7 +47,7 @@ pytestmark = pytest.mark.notebook
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "DGM_FAST": "1", "MPLBACKEND": "Agg"}
+    return {**os.environ, "DGM_FAST": "1"}
 
 
 def nbgrader(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,51 @@
+"""The install story: pyproject and environment.yml agree, CI runs what the README says."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _names(requirements):
+    return {re.split(r"[<>=!~ \[]", r.strip(), maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    expected = {r.replace(" ", "") for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    pip_section = (ROOT / "environment.yml").read_text().split("- pip:", 1)[1]
+    listed = {line.strip()[2:].replace(" ", "") for line in pip_section.splitlines()
+              if line.strip().startswith("- ") and not line.strip().startswith("- -e")}
+    assert listed == expected, f"environment.yml and pyproject.toml differ: {listed ^ expected}"
+    assert "-e ." in pip_section
+    for needed in ("torch", "torchdiffeq", "matplotlib", "nbgrader", "jupyterlab", "scikit-learn", "tqdm",
+                   "ipykernel"):
+        assert needed in _names(project["dependencies"])
+    assert project["scripts"]["dgm"] == "dgmlib.cli:main"
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = 'pip install "torch==2.13.0" -e ".[dev]"'
+    assert install in readme and install in ci
+    assert "python3 -m pytest" in ci and "pytest" in readme
+
+
+def test_readme_lists_the_layout_and_syllabus():
+    readme = (ROOT / "README.md").read_text()
+    for folder in ("dgmlib/", "lectures/", "solutions/", "assignments/", "tests/", "benchmarks/"):
+        assert folder in readme
+    for nb in (ROOT / "lectures").glob("*.ipynb"):
+        assert nb.stem in readme
+    for hw in (ROOT / "solutions").iterdir():
+        assert hw.name in readme
+    for cmd in ("generate_assignment", "autograde", "generate_feedback", "export", "nbgrader validate",
+                "dgm train realnvp"):
+        assert cmd in readme
+
+
+def test_gradebook_is_ignored():
+    assert "gradebook.db" in (ROOT / ".gitignore").read_text()
+    assert "gradebook.db" in (ROOT / "nbgrader_config.py").read_text()
