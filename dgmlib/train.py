@@ -120,6 +120,7 @@ def fit(
             optimizer.step()
             history.step_loss.append(loss.item())
             total, count = total + loss.item() * len(idx), count + len(idx)
+            bar.set_postfix({"loss": f"{total / count:.2f}"}, refresh=False)  # running mean this epoch
             if time_budget is not None and time.perf_counter() - start > time_budget:
                 history.stopped_early = True
                 break
