@@ -13,8 +13,9 @@ c.CourseDirectory.source_directory = "solutions"
 c.CourseDirectory.release_directory = "assignments"
 c.CourseDirectory.db_url = "sqlite:///gradebook.db"
 
-# Training cells take longer than nbgrader's default 30 s per cell. Fast mode (DGM_FAST=1, set
-# by the notebooks' first cell when grading) keeps every cell well under this.
+# Training cells take longer than nbgrader's default 30 s per cell. Fast mode (DGM_FAST=1, which
+# `dgm grade` sets; with plain nbgrader run `DGM_FAST=1 nbgrader autograde ...`) keeps every cell
+# well under this.
 c.ExecutePreprocessor.timeout = 300
 
 # Solutions and hidden tests are stripped with these markers.

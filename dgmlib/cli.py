@@ -22,6 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     tr.add_argument("--fast", action="store_true", help="fast mode, same as DGM_FAST=1")
     tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    gr = sub.add_parser("grade", help="autograde every submission of an assignment (sandboxed, in parallel)")
+    gr.add_argument("assignment", help="assignment name, e.g. hw2_flows")
+    gr.add_argument("--course", default=".", help="nbgrader course root (default: .)")
+    gr.add_argument("--jobs", type=int, default=None, help="parallel graders (default: number of cores)")
+    gr.add_argument("--timeout", type=int, default=300, help="per-cell timeout in seconds (default: 300)")
+    gr.add_argument("--submission-timeout", type=int, default=None,
+                    help="wall-clock limit per submission (default: 4 x timeout + 120)")
+    gr.add_argument("--memory-mb", type=int, default=6144, help="kernel memory limit (default: 6144)")
+    gr.add_argument("--full", action="store_true", help="grade without fast mode (DGM_FAST=0)")
+    gr.add_argument("--no-sandbox", action="store_true", help="run kernels without bubblewrap (unsafe)")
     args = parser.parse_args(argv)
 
     from dgmlib.models import MODELS
@@ -30,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         width = max(map(len, MODELS))
         for name, spec in MODELS.items():
             print(f"{name:<{width}}  {spec.description}")
+        return 0
+    if args.command == "grade":
+        from dgmlib.grading.classroom import format_report, grade_assignment
+
+        results = grade_assignment(args.assignment, Path(args.course), jobs=args.jobs, cell_timeout=args.timeout,
+                                   submission_timeout=args.submission_timeout, memory_mb=args.memory_mb,
+                                   fast=not args.full, use_sandbox=not args.no_sandbox)
+        print(format_report(args.assignment, results), end="")
+        print(f"grades: {Path(args.course) / 'grades.csv'}; report: {Path(args.course) / 'reports' / args.assignment}.txt")
         return 0
     if args.model not in MODELS:
         parser.error(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")

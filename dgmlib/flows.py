@@ -27,7 +27,7 @@ from dgmlib.units import dequantized_nll
 __all__ = [
     "Bijection", "Compose", "Planar", "AdditiveCoupling", "AffineCoupling", "Scaling",
     "Permutation", "Logit", "MLPConditioner", "ConvConditioner", "Flow", "checkerboard_mask", "channel_mask",
-    "check_batch", "realnvp", "nice", "planar_flow",
+    "check_batch", "realnvp", "nice", "planar_flow", "jacobian_log_det",
 ]
 
 
@@ -535,6 +535,25 @@ def nice(event_shape: Sequence[int] = (1, 8, 8), num_couplings: int = 4, hidden:
 def planar_flow(dim: int = 2, num_layers: int = 16) -> Flow:
     """A stack of ``num_layers`` planar flows on ``(B, dim)`` vectors, for 2D toy densities."""
     return Flow(Compose(*[Planar(dim) for _ in range(num_layers)]))
+
+
+def jacobian_log_det(fn, x: Tensor) -> Tensor:
+    """``log|det J|`` of ``fn`` at each example of ``x``, from ``torch.func.jacrev`` and ``slogdet``.
+
+    The reference that every log-det is tested against; use float64 inputs (and a float64 ``fn``).
+
+    Args:
+        fn: maps ``(1, *event)`` to ``(y, ...)`` with ``y`` of shape ``(1, *event)`` (a ``forward`` or ``inverse``).
+        x: ``(B, *event)`` points.
+
+    Returns:
+        ``(B,)`` log-absolute-determinants, in nats.
+    """
+    out = []
+    for xb in x:
+        jac = torch.func.jacrev(lambda v: fn(v.unsqueeze(0))[0].flatten())(xb)  # (D, *event)
+        out.append(torch.linalg.slogdet(jac.reshape(jac.shape[0], -1))[1])
+    return torch.stack(out)
 
 
 def _check_mask(mask: Tensor) -> Tensor:

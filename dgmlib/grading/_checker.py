@@ -1,0 +1,74 @@
+"""The clean comparison process behind ``dgmlib.grading`` (run as ``python -I path/to/_checker.py``).
+
+It imports numpy only, never runs student code, and answers each request of
+``[op, (atol, rtol), dtype_a, shape_a, bytes_a, dtype_b, shape_b, bytes_b]`` with ``ok`` or a reason.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+
+import numpy as np
+
+
+def _read(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise EOFError
+    return data
+
+
+def _array(dtype: bytes, shape: bytes, raw: bytes) -> np.ndarray:
+    ndim = struct.unpack("<q", shape[:8])[0]
+    dims = struct.unpack(f"<{ndim}q", shape[8:]) if ndim else ()
+    return np.frombuffer(raw, dtype=np.dtype(dtype.decode())).reshape(dims).astype(np.float64)
+
+
+def verdict(parts: list[bytes]) -> str:
+    """Compare the two arrays in ``parts`` as ``op`` asks; return ``"ok"`` or why not."""
+    op = parts[0].decode()
+    atol, rtol = struct.unpack("<dd", parts[1])
+    a, b = _array(*parts[2:5]), _array(*parts[5:8])
+    if op == "le":
+        if a.size != 1 or not np.isfinite(a).all():
+            return f"expected one finite number, got shape {a.shape}"
+        return "ok" if a.item() <= b.item() else f"{a.item():.6g} is not <= {b.item():.6g}"
+    if a.shape != b.shape:
+        return f"shape {a.shape} != {b.shape}"
+    if np.isnan(a).any() or np.isnan(b).any():
+        return "NaN in the values compared"
+    if op == "equal":
+        bad = int((a != b).sum())
+        return "ok" if bad == 0 else f"{bad} of {a.size} values differ"
+    close = np.abs(a - b) <= atol + rtol * np.abs(b)
+    if op == "close":
+        return "ok" if close.all() else (f"{int((~close).sum())} of {a.size} values differ; "
+                                         f"largest difference {np.abs(a - b).max():.3g}")
+    if op == "not_close":
+        return "ok" if not close.all() else "values are unexpectedly close (nothing was transformed)"
+    return f"unknown comparison {op!r}"
+
+
+def main() -> None:
+    """Serve requests on stdin/stdout until stdin closes."""
+    rd, wr = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            (count,) = struct.unpack("<q", _read(rd, 8))
+            parts = []
+            for _ in range(count):
+                (size,) = struct.unpack("<q", _read(rd, 8))
+                parts.append(_read(rd, size))
+        except EOFError:
+            return
+        try:
+            answer = verdict(parts).encode()
+        except Exception as err:  # noqa: BLE001 - any malformed request is a failed check
+            answer = f"malformed check: {err}".encode()
+        wr.write(struct.pack("<q", len(answer)) + answer)
+        wr.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Trustworthy autograding: attacks on the tests, the course folder and the grader itself.
+
+The end-to-end test grades, together and in parallel with `dgm grade`, an honest full solution, a
+blank release and one submission per attack, for every assignment, and checks the exact scores.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbformat.v4 import new_code_cell
+
+from dgmlib import grading
+from dgmlib.grading import classroom, sandbox
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSIGNMENTS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir())
+HAS_BWRAP = sandbox.bwrap_path() is not None
+
+# A wrong but running answer for every solution cell, so that tampering is what would earn points.
+WRONG = {
+    "hw2_flows": {
+        "coupling": """
+class AffineCoupling(flows.Bijection):
+    def __init__(self, mask, net, scale_bound=3.0):
+        super().__init__(mask.shape)
+        self.register_buffer("mask", mask.float())
+        self.net = net
+    def forward(self, x):
+        return x * 1.5, x.new_zeros(x.shape[0])
+    def inverse(self, z):
+        return z, z.new_zeros(z.shape[0])
+""",
+        "bound": "def dequantization_bound(log_prob, y, num_levels, generator=None):\n    return -log_prob(y / num_levels)",
+        "build": "def build_realnvp(num_couplings=8, hidden=64):\n"
+                 "    return flows.Flow(flows.Compose(*[AffineCoupling(flows.checkerboard_mask((1, 8, 8), k % 2), None)"
+                 " for k in range(num_couplings)]), num_levels=17)",
+        "train": "model = build_realnvp()\nhistory = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
+    },
+}
+TAMPER_CELL = """
+import builtins, torch, numpy, dgmlib, dgmlib.train, dgmlib.grading
+torch.allclose = lambda *a, **k: True
+torch.equal = lambda *a, **k: True
+torch.testing.assert_close = lambda *a, **k: None
+dgmlib.train.evaluate = lambda *a, **k: 0.0
+for _name in ("assert_close", "assert_not_close", "assert_equal", "assert_le", "assert_true", "assert_shape"):
+    setattr(dgmlib.grading, _name, lambda *a, **k: None)
+dgmlib.grading.trusted = lambda x: x
+"""
+DELETE_CELL = """
+import glob, os, shutil
+for path in glob.glob("../../../*") + glob.glob("../../../.*"):
+    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+for path in glob.glob("../../*/*/*.ipynb"):
+    open(path, "w").write("overwritten")
+"""
+# The same patches of torch and dgmlib hidden in a string: the in-kernel check stops this one by itself.
+TAMPER_EXEC_CELL = "exec('import torch, dgmlib.train; torch.allclose = lambda *a, **k: True; ' " \
+                   "'dgmlib.train.evaluate = lambda *a, **k: 0.0')"
+ATTACKS = {
+    "tamper": (TAMPER_CELL, "wrong"),
+    "tamper_exec": (TAMPER_EXEC_CELL, "wrong"),
+    "delete": (DELETE_CELL, "blank"),
+    "infinite_loop": ("while True:\n    pass", "blank"),
+    "kill_kernel": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "complete"),
+    "huge_output": ("for i in range(200_000):\n    print('spam ' * 40)", "blank"),
+    "edited_tests": (None, "wrong"),
+}
+
+
+def _nbg(cell) -> dict:
+    return cell.metadata.get("nbgrader", {})
+
+
+def _build_submission(release, source, answers: str, assignment: str, attack_cell: str | None, edit_tests: bool):
+    nb = copy.deepcopy(release)
+    solutions = {_nbg(c)["grade_id"]: "\n".join(line for line in c.source.splitlines() if "### " not in line)
+                 for c in source.cells if _nbg(c).get("solution")}
+    for cell in nb.cells:
+        meta = _nbg(cell)
+        if meta.get("solution") and cell.cell_type == "code":
+            if answers == "complete":
+                cell.source = solutions[meta["grade_id"]]
+            elif answers == "wrong":
+                cell.source = WRONG[assignment][meta["grade_id"]]
+        if edit_tests and meta.get("grade") and not meta.get("solution"):
+            cell.source = "pass  # tests removed"
+    if attack_cell:
+        first_solution = next(i for i, c in enumerate(nb.cells) if _nbg(c).get("solution"))
+        nb.cells.insert(first_solution, new_code_cell(attack_cell))
+    return nb
+
+
+# ---------------------------------------------------------------- fast unit tests of the mechanism
+
+
+def test_checks_compare_in_a_clean_process():
+    grading.assert_close(torch.ones(3), torch.ones(3) + 1e-9)
+    grading.assert_equal(torch.arange(4), torch.arange(4))
+    grading.assert_le(100.0, 115.0)
+    grading.assert_shape(torch.zeros(2, 3), (2, 3))
+    for bad in (lambda: grading.assert_close(torch.ones(3), torch.zeros(3)),
+                lambda: grading.assert_equal(torch.ones(2), torch.ones(3)),
+                lambda: grading.assert_le(float("nan"), 115.0),
+                lambda: grading.assert_not_close(torch.ones(3), torch.ones(3)),
+                lambda: grading.assert_true(torch.tensor(True))):
+        with pytest.raises(AssertionError):
+            bad()
+
+
+def test_tensor_subclasses_are_refused():
+    class Liar(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return True
+
+    liar = torch.zeros(3).as_subclass(Liar)
+    with pytest.raises(AssertionError, match="Liar"):
+        grading.assert_close(liar, torch.ones(3))
+    with pytest.raises(AssertionError, match="Liar"):
+        grading.trusted(liar)
+
+
+def test_code_swap_is_detected(monkeypatch):
+    import dgmlib.units
+    monkeypatch.setattr(dgmlib.units.nats_to_bits_per_dim, "__code__", (lambda nats, num_dims: 0.0).__code__)
+    with pytest.raises(grading.TamperingError, match="nats_to_bits_per_dim"):
+        grading.assert_true(True)
+
+
+@pytest.mark.parametrize("target, attr", [(torch, "allclose"), (torch.testing, "assert_close"),
+                                          (torch.Tensor, "__eq__"), (__import__("builtins"), "all"),
+                                          (__import__("dgmlib.train").train, "evaluate"),
+                                          (grading, "_ask_checker")])
+def test_replaced_machinery_is_detected(monkeypatch, target, attr):
+    monkeypatch.setattr(target, attr, lambda *a, **k: True)
+    with pytest.raises(grading.TamperingError, match=attr):
+        grading.assert_close(torch.ones(2), torch.ones(2))
+
+
+def test_static_flags(tmp_path):
+    release = nbformat.read(ROOT / "assignments" / "hw2_flows" / "hw2_flows.ipynb", as_version=4)
+    nb = copy.deepcopy(release)
+    nb.cells.append(new_code_cell("import torch as T\nT.allclose = None\nsetattr(T, 'equal', None)\n"
+                                  "import sys\nsys.modules['x'] = 1\nplt.rcParams['figure.dpi'] = 80\nself_x = 1"))
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    flags = classroom.flag_tampering(path)
+    assert any("assigns T.allclose" in f for f in flags)
+    assert any("setattr on T" in f for f in flags)
+    assert any("sys.modules" in f for f in flags)
+    assert not any("rcParams" in f for f in flags)
+    nbformat.write(release, path)
+    assert classroom.flag_tampering(path) == []  # the release itself is clean
+
+
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")
+def test_sandbox_hides_the_course_and_the_network(tmp_path):
+    course = tmp_path / "course"
+    work = course / "autograded" / "s1" / "hw"
+    work.mkdir(parents=True)
+    (course / "gradebook.db").write_text("grades")
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    conn = tmp_path / "kernel.json"
+    conn.write_text(json.dumps({"transport": "ipc", "ip": str(sockets / "kernel")}))
+    cmd = sandbox.bwrap_command(str(conn), [], str(work), str(course), sandbox.bwrap_path())
+    python = cmd.index(sys.executable)
+    probe = ("import os, socket\n"
+             "print(sorted(os.listdir('../../..')))\n"
+             "open('../../../gradebook.db', 'w').write('gone')\n"
+             "open('mine.txt', 'w').write('ok')\n"
+             "try:\n    socket.create_connection(('127.0.0.1', 22), timeout=2); print('net')\n"
+             "except OSError:\n    print('no net')\n")
+    out = subprocess.run(cmd[:python] + [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["['autograded']", "no net"]
+    assert (course / "gradebook.db").read_text() == "grades"  # the write went to a throw-away tmpfs
+    assert (work / "mine.txt").read_text() == "ok"
+
+
+def test_sandbox_needs_ipc(tmp_path):
+    conn = tmp_path / "kernel.json"
+    conn.write_text(json.dumps({"transport": "tcp", "ip": "127.0.0.1"}))
+    with pytest.raises(ValueError, match="transport=ipc"):
+        sandbox.bwrap_command(str(conn), [], str(tmp_path), None)
+
+
+# ---------------------------------------------------------------- grading a class under attack
+
+
+@pytest.mark.notebook
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_attackers_earn_nothing_and_harm_no_one(tmp_path, name):
+    course = tmp_path / "course"
+    course.mkdir()
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    shutil.copytree(ROOT / "solutions", course / "solutions")
+    (notebook_file,) = sorted((ROOT / "solutions" / name).glob("*.ipynb"))
+    source = nbformat.read(notebook_file, as_version=4)
+    release = nbformat.read(ROOT / "assignments" / name / notebook_file.name, as_version=4)
+    submissions = {"honest": _build_submission(release, source, "complete", name, None, False),
+                   "blank": copy.deepcopy(release)}
+    for attack, (cell, answers) in ATTACKS.items():
+        submissions[attack] = _build_submission(release, source, answers, name, cell, attack == "edited_tests")
+    for student, nb in submissions.items():
+        folder = course / "submitted" / student / name
+        folder.mkdir(parents=True)
+        nbformat.write(nb, folder / notebook_file.name)
+
+    results = {r.student: r for r in classroom.grade_assignment(name, course, jobs=2, cell_timeout=120)}
+
+    max_score = sum(_nbg(c).get("points", 0) for c in source.cells if _nbg(c).get("grade"))
+    auto_max = sum(_nbg(c).get("points", 0) for c in source.cells if _nbg(c).get("grade") and not _nbg(c).get("solution"))
+    report = classroom.format_report(name, list(results.values()))
+    assert results["honest"].score == auto_max, report
+    assert not results["honest"].flagged and not results["honest"].failure, report
+    for student in submissions:
+        if student != "honest":
+            assert results[student].score == 0, f"{student} earned points:\n{report}"
+    # what stopped each attack is visible in the report
+    assert results["tamper"].flagged and results["tamper_exec"].flagged
+    # in the kernel, every test cell of the exec-hidden tamper failed on its own
+    graded = [_nbg(c)["grade_id"] for c in source.cells if _nbg(c).get("grade") and not _nbg(c).get("solution")]
+    assert all(any(c.startswith(f"{g} (TamperingError)") for c in results["tamper_exec"].crashed) for g in graded), report
+    assert "infinite_loop" in report and results["infinite_loop"].timed_out
+    assert "died" in results["kill_kernel"].failure
+    assert any("NotImplementedError" in c for c in results["huge_output"].crashed)
+    # the gradebook, the CSV and everyone's files survived
+    assert (course / "gradebook.db").exists()
+    with open(course / "grades.csv", newline="") as fh:
+        rows = {row["student_id"]: row for row in csv.DictReader(fh) if row["assignment"] == name}
+    assert float(rows["honest"]["score"]) == auto_max and float(rows["honest"]["max_score"]) == max_score
+    assert set(rows) == set(submissions)
+    for student in submissions:
+        submitted = course / "submitted" / student / name / notebook_file.name
+        assert nbformat.read(submitted, as_version=4).cells  # not overwritten
+    honest = nbformat.read(course / "autograded" / "honest" / name / notebook_file.name, as_version=4)
+    assert honest.cells and (course / "solutions" / name / notebook_file.name).exists()
+    # the huge output was cut in the autograded notebook
+    flood = (course / "autograded" / "huge_output" / name / notebook_file.name).read_text()
+    assert len(flood) < 2_000_000
