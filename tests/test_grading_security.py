@@ -20,6 +20,7 @@ import torch
 from nbformat.v4 import new_code_cell
 
 from dgmlib import grading
+from dgmlib.cli import main
 from dgmlib.grading import classroom, sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +220,10 @@ def test_attackers_earn_nothing_and_harm_no_one(tmp_path, name):
         folder.mkdir(parents=True)
         nbformat.write(nb, folder / notebook_file.name)
 
-    results = {r.student: r for r in classroom.grade_assignment(name, course, jobs=2, cell_timeout=120)}
+    # the instructor's command, exactly as the README gives it
+    assert main(["grade", name, "--course", str(course), "--jobs", "2", "--timeout", "120"]) == 0
+    reported = json.loads((course / "reports" / f"{name}.json").read_text())
+    results = {r["student"]: classroom.StudentResult(**r) for r in reported}
 
     max_score = sum(_nbg(c).get("points", 0) for c in source.cells if _nbg(c).get("grade"))
     auto_max = sum(_nbg(c).get("points", 0) for c in source.cells if _nbg(c).get("grade") and not _nbg(c).get("solution"))
@@ -251,3 +255,24 @@ def test_attackers_earn_nothing_and_harm_no_one(tmp_path, name):
     # the huge output was cut in the autograded notebook
     flood = (course / "autograded" / "huge_output" / name / notebook_file.name).read_text()
     assert len(flood) < 2_000_000
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("name", ASSIGNMENTS[:1])
+def test_grading_without_bubblewrap_warns_and_still_works(tmp_path, monkeypatch, name):
+    """macOS and Windows have no bubblewrap: grading must still work, with a loud warning."""
+    course = tmp_path / "course"
+    course.mkdir()
+    shutil.copy(ROOT / "nbgrader_config.py", course)
+    shutil.copytree(ROOT / "solutions", course / "solutions")
+    (notebook_file,) = sorted((ROOT / "assignments" / name).glob("*.ipynb"))
+    folder = course / "submitted" / "blank" / name
+    folder.mkdir(parents=True)
+    shutil.copy(notebook_file, folder)
+    # only the Python environment's scripts (nbgrader, alembic, ...): bubblewrap lives in /usr/bin
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    assert sandbox.bwrap_path() is None
+    with pytest.warns(sandbox.UnsandboxedWarning, match="WITHOUT a sandbox"):
+        (result,) = classroom.grade_assignment(name, course, jobs=1, cell_timeout=120)
+    assert result.score == 0 and not result.failure and result.crashed
+    assert (course / "grades.csv").exists()

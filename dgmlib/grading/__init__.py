@@ -15,13 +15,16 @@ these functions, which
 3. do the numerical comparison in a separate clean process (``python -I _checker.py``, numpy only), so a
    patched comparison inside the kernel cannot change the verdict.
 
-Every assertion failure is an ``AssertionError``, so nbgrader scores the cell zero. The grading
+Every assertion failure is an ``AssertionError``, so nbgrader scores the cell zero. The sandboxed
+grading kernel imports this module before any notebook cell runs, so the snapshot is taken before
+student code can patch anything. The grading
 report also flags submissions that assign to attributes of imported modules
 (``dgmlib.grading.classroom.flag_tampering``). Source: the course's issue 6; the design is ours.
 """
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import math
 import struct
@@ -112,7 +115,7 @@ def _genuine(obj: object, home: str) -> bool:
     func = getattr(func, "__wrapped__", func)
     code = getattr(func, "__code__", None)
     if code is None:
-        return callable(obj)  # e.g. functools.partial objects in torch's namespace
+        return False  # e.g. functools.partial(lambda ...) or an object with __call__: not genuine
     return bool(home) and code.co_filename.startswith(home)
 
 
@@ -241,4 +244,11 @@ def _ask_checker(parts: list[bytes]) -> bytes:
     return _checker.stdout.read(size)
 
 
+def _close_checker() -> None:
+    if _checker is not None and _checker.poll() is None:
+        _checker.stdin.close()  # the checker exits at end of input
+        _checker.wait(timeout=5)
+
+
+atexit.register(_close_checker)
 _OWN_GLOBALS = {name: obj for name, obj in globals().items() if not name.startswith("__") and name != "_checker"}

@@ -137,6 +137,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
 
     Raises:
         FileNotFoundError: if the course, assignment or submissions are missing.
+        RuntimeError: if nbgrader cannot generate the assignment (its log is named).
     """
     course = Path(course).resolve()
     if not (course / "nbgrader_config.py").exists():
@@ -155,7 +156,8 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     submission_timeout = submission_timeout or 4 * cell_timeout + 120
     work = Path(tempfile.mkdtemp(prefix="dgm-grade-"))
     sandbox.write_kernelspec(work)
-    _run_nbgrader(["generate_assignment", assignment, "--force"], course, work / "generate.log", None, 600)
+    if _run_nbgrader(["generate_assignment", assignment, "--force"], course, work / "generate.log", None, 600) != 0:
+        raise RuntimeError(f"nbgrader generate_assignment {assignment} failed; see {work / 'generate.log'}")
 
     def grade_one(student: str) -> StudentResult:
         private = work / student
