@@ -14,7 +14,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSIGNMENTS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir())
+from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points, nbg, solution_sources
 
 # What each simulated submission must score on the autograded cells. "partial" fills in only the
 # listed solution cells; "raises" is the full solution with `raising_cell` made to raise first.
@@ -41,7 +39,6 @@ EXPECTED = {
         },
     },
 }
-SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
 
 pytestmark = pytest.mark.notebook
 
@@ -59,21 +56,13 @@ def nbgrader(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def _nbg(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
-
-
-def _strip_markers(source: str) -> str:
-    return "\n".join(line for line in source.splitlines() if line.strip() not in SOLUTION_MARKERS)
-
-
 def _submission(kind: str, release, source, spec: dict):
     """Build one simulated student notebook from the release and source notebooks."""
     nb = copy.deepcopy(release)
-    solutions = {_nbg(c)["grade_id"]: _strip_markers(c.source) for c in source.cells if _nbg(c).get("solution")}
+    solutions = solution_sources(source)
     fill = {"complete": set(solutions), "raises": set(solutions), "partial": spec["partial_cells"]}.get(kind, set())
     for cell in nb.cells:
-        meta = _nbg(cell)
+        meta = nbg(cell)
         if meta.get("solution") and meta["grade_id"] in fill:
             cell.source = solutions[meta["grade_id"]]
         if kind == "raises" and meta.get("grade_id") == spec["raising_cell"]:
@@ -86,9 +75,7 @@ def _submission(kind: str, release, source, spec: dict):
 @pytest.fixture(scope="module")
 def course(tmp_path_factory) -> Path:
     """A throw-away copy of the course: config + solutions, with the release regenerated."""
-    root = tmp_path_factory.mktemp("course")
-    shutil.copy(ROOT / "nbgrader_config.py", root)
-    shutil.copytree(ROOT / "solutions", root / "solutions")
+    root = make_course(tmp_path_factory.mktemp("course"))
     for name in ASSIGNMENTS:
         nbgrader("generate_assignment", name, "--force", cwd=root)
     return root
@@ -144,14 +131,13 @@ def test_autograde_gives_exact_scores(course, name):
 
     from nbgrader.api import Gradebook
 
-    auto_cells = [_nbg(c) for c in source.cells if _nbg(c).get("grade") and not _nbg(c).get("solution")]
-    max_score = sum(_nbg(c).get("points", 0) for c in source.cells if _nbg(c).get("grade"))
+    auto_cells = list(autograded_points(source))
+    max_score = max_points(source)
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
         for kind, expected in spec["scores"].items():
             nb_sub = gb.find_submission_notebook(notebook_file.stem, name, kind)
-            got = {cell["grade_id"]: gb.find_grade(cell["grade_id"], notebook_file.stem, name, kind).score
-                   for cell in auto_cells}
-            want = {cell["grade_id"]: expected.get(cell["grade_id"], 0) for cell in auto_cells}
+            got = {cell: gb.find_grade(cell, notebook_file.stem, name, kind).score for cell in auto_cells}
+            want = {cell: expected.get(cell, 0) for cell in auto_cells}
             assert got == want, f"{kind}: per-cell scores {got} != expected {want}"
             assert nb_sub.max_score == max_score
 

@@ -23,8 +23,7 @@ from dgmlib import grading
 from dgmlib.cli import main
 from dgmlib.grading import classroom, sandbox
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSIGNMENTS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir())
+from nbhelpers import ASSIGNMENTS, ROOT, autograded_points, make_course, max_points, nbg, solution_sources
 HAS_BWRAP = sandbox.bwrap_path() is not None
 
 # A wrong but running answer for every solution cell, so that tampering is what would earn points.
@@ -79,16 +78,11 @@ ATTACKS = {
 }
 
 
-def _nbg(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
-
-
 def _build_submission(release, source, answers: str, assignment: str, attack_cell: str | None, edit_tests: bool):
     nb = copy.deepcopy(release)
-    solutions = {_nbg(c)["grade_id"]: "\n".join(line for line in c.source.splitlines() if "### " not in line)
-                 for c in source.cells if _nbg(c).get("solution")}
+    solutions = solution_sources(source)
     for cell in nb.cells:
-        meta = _nbg(cell)
+        meta = nbg(cell)
         if meta.get("solution") and cell.cell_type == "code":
             if answers == "complete":
                 cell.source = solutions[meta["grade_id"]]
@@ -97,7 +91,7 @@ def _build_submission(release, source, answers: str, assignment: str, attack_cel
         if edit_tests and meta.get("grade") and not meta.get("solution"):
             cell.source = "pass  # tests removed"
     if attack_cell:
-        first_solution = next(i for i, c in enumerate(nb.cells) if _nbg(c).get("solution"))
+        first_solution = next(i for i, c in enumerate(nb.cells) if nbg(c).get("solution"))
         nb.cells.insert(first_solution, new_code_cell(attack_cell))
     return nb
 
@@ -177,7 +171,7 @@ def test_sandbox_hides_the_course_and_the_network(tmp_path):
     conn.write_text(json.dumps({"transport": "ipc", "ip": str(sockets / "kernel")}))
     cmd = sandbox.bwrap_command(str(conn), [], str(work), str(course), sandbox.bwrap_path())
     python = cmd.index(sys.executable)
-    probe = ("import os, socket\n"
+    probe = ("import os, socket, dgmlib.grading.limits\n"  # the kernel's own imports must work in there
              "print(sorted(os.listdir('../../..')))\n"
              "open('../../../gradebook.db', 'w').write('gone')\n"
              "open('mine.txt', 'w').write('ok')\n"
@@ -204,10 +198,7 @@ def test_sandbox_needs_ipc(tmp_path):
 @pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")
 @pytest.mark.parametrize("name", ASSIGNMENTS)
 def test_attackers_earn_nothing_and_harm_no_one(tmp_path, name):
-    course = tmp_path / "course"
-    course.mkdir()
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    shutil.copytree(ROOT / "solutions", course / "solutions")
+    course = make_course(tmp_path / "course")
     (notebook_file,) = sorted((ROOT / "solutions" / name).glob("*.ipynb"))
     source = nbformat.read(notebook_file, as_version=4)
     release = nbformat.read(ROOT / "assignments" / name / notebook_file.name, as_version=4)
@@ -225,8 +216,8 @@ def test_attackers_earn_nothing_and_harm_no_one(tmp_path, name):
     reported = json.loads((course / "reports" / f"{name}.json").read_text())
     results = {r["student"]: classroom.StudentResult(**r) for r in reported}
 
-    max_score = sum(_nbg(c).get("points", 0) for c in source.cells if _nbg(c).get("grade"))
-    auto_max = sum(_nbg(c).get("points", 0) for c in source.cells if _nbg(c).get("grade") and not _nbg(c).get("solution"))
+    max_score = max_points(source)
+    auto_max = sum(autograded_points(source).values())
     report = classroom.format_report(name, list(results.values()))
     assert results["honest"].score == auto_max, report
     assert not results["honest"].flagged and not results["honest"].failure, report
@@ -236,7 +227,7 @@ def test_attackers_earn_nothing_and_harm_no_one(tmp_path, name):
     # what stopped each attack is visible in the report
     assert results["tamper"].flagged and results["tamper_exec"].flagged
     # in the kernel, every test cell of the exec-hidden tamper failed on its own
-    graded = [_nbg(c)["grade_id"] for c in source.cells if _nbg(c).get("grade") and not _nbg(c).get("solution")]
+    graded = list(autograded_points(source))
     assert all(any(c.startswith(f"{g} (TamperingError)") for c in results["tamper_exec"].crashed) for g in graded), report
     assert "infinite_loop" in report and results["infinite_loop"].timed_out
     assert "died" in results["kill_kernel"].failure
@@ -261,10 +252,7 @@ def test_attackers_earn_nothing_and_harm_no_one(tmp_path, name):
 @pytest.mark.parametrize("name", ASSIGNMENTS[:1])
 def test_grading_without_bubblewrap_warns_and_still_works(tmp_path, monkeypatch, name):
     """macOS and Windows have no bubblewrap: grading must still work, with a loud warning."""
-    course = tmp_path / "course"
-    course.mkdir()
-    shutil.copy(ROOT / "nbgrader_config.py", course)
-    shutil.copytree(ROOT / "solutions", course / "solutions")
+    course = make_course(tmp_path / "course")
     (notebook_file,) = sorted((ROOT / "assignments" / name).glob("*.ipynb"))
     folder = course / "submitted" / "blank" / name
     folder.mkdir(parents=True)

@@ -77,12 +77,18 @@ def bwrap_command(connection_file: str, kernel_args: list[str], cwd: str, course
                          "--KernelManager.ip (dgm grade sets both)")
     socket_dir = str(Path(info["ip"]).parent)
     connection_file = str(Path(connection_file).resolve())
-    cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    if course_root:
-        cmd += ["--tmpfs", str(Path(course_root).resolve())]
-        package_dir = Path(dgmlib.__file__).resolve().parent
-        if Path(course_root).resolve() in package_dir.parents:
-            cmd += ["--ro-bind", str(package_dir), str(package_dir)]
+    hidden = [Path("/tmp")] + ([Path(course_root).resolve()] if course_root else [])
+    cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    for path in hidden:
+        cmd += ["--tmpfs", str(path)]
+    # What Python needs and the hiding covered (an editable dgmlib in a clone under /tmp or in the
+    # course, a virtual environment there) comes back read-only; never an ancestor of a hidden folder.
+    needed = {Path(dgmlib.__file__).resolve().parent, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    for path in sorted(needed):
+        covered = any(h == path or h in path.parents for h in hidden)
+        uncovers = any(path == h or path in h.parents for h in hidden)
+        if covered and not uncovers:
+            cmd += ["--ro-bind", str(path), str(path)]
     cmd += ["--bind", cwd, cwd, "--bind", socket_dir, socket_dir, "--ro-bind", connection_file, connection_file,
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
             "--unsetenv", "JPY_PARENT_PID",  # its pid means nothing in the new PID namespace

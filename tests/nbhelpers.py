@@ -1,0 +1,40 @@
+"""Helpers shared by the nbgrader tests: reading nbgrader metadata and making throw-away courses."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSIGNMENTS = sorted(p.name for p in (ROOT / "solutions").iterdir() if p.is_dir())
+SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
+
+
+def nbg(cell) -> dict:
+    """A cell's nbgrader metadata ({} for cells nbgrader does not know, e.g. ones a student added)."""
+    return cell.metadata.get("nbgrader", {})
+
+
+def solution_sources(source_nb) -> dict[str, str]:
+    """grade_id -> the reference answer of each solution cell, without the nbgrader markers."""
+    return {nbg(c)["grade_id"]: "\n".join(line for line in c.source.splitlines() if line.strip() not in SOLUTION_MARKERS)
+            for c in source_nb.cells if nbg(c).get("solution")}
+
+
+def autograded_points(source_nb) -> dict[str, float]:
+    """grade_id -> points of every autograded (test) cell."""
+    return {nbg(c)["grade_id"]: nbg(c).get("points", 0) for c in source_nb.cells
+            if nbg(c).get("grade") and not nbg(c).get("solution")}
+
+
+def max_points(source_nb) -> float:
+    """All points of the notebook, the manually graded ones included."""
+    return sum(nbg(c).get("points", 0) for c in source_nb.cells if nbg(c).get("grade"))
+
+
+def make_course(root: Path) -> Path:
+    """A throw-away nbgrader course in ``root``: the config and a copy of solutions/."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "nbgrader_config.py", root)
+    shutil.copytree(ROOT / "solutions", root / "solutions")
+    return root
