@@ -248,6 +248,7 @@ def _close_checker() -> None:
     if _checker is not None and _checker.poll() is None:
         _checker.stdin.close()  # the checker exits at end of input
         _checker.wait(timeout=5)
+        _checker.stdout.close()
 
 
 atexit.register(_close_checker)
