@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("--timeout", type=int, default=300, help="per-cell timeout in seconds (default: 300)")
     gr.add_argument("--submission-timeout", type=int, default=None,
                     help="wall-clock limit per submission (default: 4 x timeout + 120)")
-    gr.add_argument("--memory-mb", type=int, default=6144, help="kernel memory limit (default: 6144)")
+    gr.add_argument("--memory-mb", type=int, default=None, help="kernel memory limit in MiB (default: 6144)")
     gr.add_argument("--full", action="store_true", help="grade without fast mode (DGM_FAST=0)")
     gr.add_argument("--no-sandbox", action="store_true", help="run kernels without bubblewrap (unsafe)")
     args = parser.parse_args(argv)
@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "grade":
         from dgmlib.grading.classroom import format_report, grade_assignment
 
+        limits = {} if args.memory_mb is None else {"memory_mb": args.memory_mb}
         results = grade_assignment(args.assignment, Path(args.course), jobs=args.jobs, cell_timeout=args.timeout,
-                                   submission_timeout=args.submission_timeout, memory_mb=args.memory_mb,
-                                   fast=not args.full, use_sandbox=not args.no_sandbox)
+                                   submission_timeout=args.submission_timeout, fast=not args.full,
+                                   use_sandbox=not args.no_sandbox, **limits)
         print(format_report(args.assignment, results), end="")
         print(f"grades: {Path(args.course) / 'grades.csv'}; report: {Path(args.course) / 'reports' / args.assignment}.txt")
         return 0

@@ -94,9 +94,14 @@ def bwrap_command(connection_file: str, kernel_args: list[str], cwd: str, course
             "--unsetenv", "JPY_PARENT_PID",  # its pid means nothing in the new PID namespace
             "--setenv", "HOME", "/tmp", "--setenv", "IPYTHONDIR", "/tmp/.ipython",
             "--setenv", "MPLCONFIGDIR", "/tmp/.matplotlib", "--chdir", cwd,
-            sys.executable, "-m", "ipykernel_launcher", "-f", connection_file,
-            "--IPKernelApp.outstream_class=dgmlib.grading.limits.LimitedOutStream", *kernel_args]
+            *_kernel_command(connection_file, kernel_args)]
     return cmd
+
+
+def _kernel_command(connection_file: str, kernel_args: list[str]) -> list[str]:
+    """ipykernel with the output-limiting stream, sandboxed or not."""
+    return [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file,
+            "--IPKernelApp.outstream_class=dgmlib.grading.limits.LimitedOutStream", *kernel_args]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,8 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         warnings.warn("bubblewrap (bwrap) is not installed: this submission runs WITHOUT a sandbox and can "
                       "read, change or delete every file the grader can. Grade on Linux with bubblewrap "
                       "(apt-get install bubblewrap) or on JupyterHub.", UnsandboxedWarning, stacklevel=1)
-        cmd = [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file,
-               "--IPKernelApp.outstream_class=dgmlib.grading.limits.LimitedOutStream", *kernel_args]
+        cmd = _kernel_command(connection_file, kernel_args)
     else:
         cmd = bwrap_command(connection_file, kernel_args, os.getcwd(), os.environ.get("DGM_COURSE_ROOT"), bwrap)
     # The kernel's own stdout/stderr (not the notebook's outputs) are discarded: a flood there
