@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     tr.add_argument("--fast", action="store_true", help="fast mode, same as DGM_FAST=1")
     tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tr.add_argument("--prior", default=None, help="VAE prior: standard, mog, vamp or flow (default: standard)")
+    tr.add_argument("--decoder", default=None, help="VAE decoder: categorical or dlogistic (default: categorical)")
     gr = sub.add_parser("grade", help="autograde every submission of an assignment (sandboxed, in parallel)")
     gr.add_argument("assignment", help="assignment name, e.g. hw2_flows")
     gr.add_argument("--course", default=".", help="nbgrader course root (default: .)")
@@ -55,21 +57,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be positive")
+    options = {k: v for k, v in (("prior", args.prior), ("decoder", args.decoder)) if v is not None}
+    for key, value in options.items():
+        allowed = MODELS[args.model].options.get(key)
+        if allowed is None:
+            parser.error(f"--{key} does not apply to {args.model}")
+        if value not in allowed:
+            parser.error(f"--{key} must be one of {', '.join(allowed)}, got {value!r}")
     if args.fast:
         os.environ["DGM_FAST"] = "1"
-    metrics = train_model(args.model, args.data, Path(args.out or f"runs/{args.model}"),
-                          epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    default_out = "_".join([args.model, *options.values()])
+    metrics = train_model(args.model, args.data, Path(args.out or f"runs/{default_out}"),
+                          epochs=args.epochs, seed=args.seed, progress=not args.no_progress, **options)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def train_model(name: str, data_name: str, out: Path, epochs: int | None = None, seed: int = 0,
-                progress: bool = True) -> dict:
+                progress: bool = True, **options: str) -> dict:
     """Train registered model ``name`` on ``data_name``; write ``out/{metrics.json,samples.png,
     curves.png,model.pt}`` and return the metrics (test NLL in nats/image and bits/dim).
 
+    ``options`` go to the model's builder (e.g. ``prior="flow"`` for the VAE).
+
     Raises:
-        KeyError: for an unknown model name. ValueError: for an unknown dataset.
+        KeyError: for an unknown model name. ValueError: for an unknown dataset or option.
     """
     import matplotlib
 
@@ -84,22 +96,30 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     from dgmlib.units import nats_to_bits_per_dim
 
     spec = MODELS[name]
+    for key, value in options.items():
+        if value not in spec.options.get(key, ()):
+            raise ValueError(f"{name} has no option {key}={value!r}; options: {spec.options}")
     torch.manual_seed(seed)
     data = load_image_data(data_name)
-    model = spec.build(data)
+    model = spec.build(data, **options)
     settings = spec.train_settings()
     if epochs is not None:
         settings["epochs"] = epochs
     history = fit(model, data.train, data.val, seed=seed, progress=progress, **settings)
-    test_nll = evaluate(model, data.test, num_samples=4, seed=seed)
+    if spec.report is None:
+        report = {"test_nll_nats": evaluate(model, data.test, num_samples=4, seed=seed),
+                  "likelihood": "uniform-dequantization bound on -log P(y): E_u[-log p((y+u)/K)] + D log K, "
+                                "4 noise draws per test image"}
+    else:
+        report = spec.report(model, data, seed)
     metrics = {
         "model": name,
         "data": data_name,
-        "test_nll_nats": test_nll,
-        "test_bits_per_dim": nats_to_bits_per_dim(test_nll, data.num_dims),
+        **options,
+        "test_nll_nats": report["test_nll_nats"],
+        "test_bits_per_dim": nats_to_bits_per_dim(report["test_nll_nats"], data.num_dims),
         "val_nll_nats": min(history.val_loss),
-        "likelihood": "uniform-dequantization bound on -log P(y): E_u[-log p((y+u)/K)] + D log K, "
-                      "4 noise draws per test image",
+        **report,
         "num_levels": data.num_levels,
         "num_dims": data.num_dims,
         "train_seconds": history.seconds,
@@ -112,10 +132,10 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    save_checkpoint(out / "model.pt", model, name=name, data=data_name, metrics=metrics)
+    save_checkpoint(out / "model.pt", model, name=name, data=data_name, options=options, metrics=metrics)
     samples = model.sample(64, generator=torch.Generator().manual_seed(seed))
     plots.image_grid(samples.clamp(0, 1), nrow=8, vmax=1.0,
-                     title=f"{name} samples ({data_name})").savefig(out / "samples.png", dpi=120)
+                     title=" ".join([name, *options.values(), f"samples ({data_name})"])).savefig(out / "samples.png", dpi=120)
     plots.training_curves(history, title=name).savefig(out / "curves.png", dpi=120, bbox_inches="tight")
     return metrics
 

@@ -70,6 +70,24 @@ def load_digits(split: str = "train", flat: bool = False) -> Tensor:
     return x.flatten(1) if flat else x
 
 
+def load_digit_labels(split: str = "train") -> Tensor:
+    """The class (0..9) of each image of ``load_digits(split)``, int64 of shape ``(N,)``.
+
+    The models are unsupervised; labels only colour plots such as latent scatters.
+
+    Raises:
+        ValueError: for an unknown split.
+    """
+    if split not in DIGITS_SPLIT:
+        raise ValueError(f"split must be one of {sorted(DIGITS_SPLIT)}, got {split!r}")
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    target = _sk_load_digits().target
+    order = np.random.default_rng(DIGITS_SEED).permutation(len(target))
+    start, stop = DIGITS_SPLIT[split]
+    return torch.from_numpy(target[order[start:stop]]).long()
+
+
 def load_mnist(split: str = "train", root: str = "~/.cache/dgm/mnist") -> Tensor:
     """Return MNIST as integer levels 0..255 (float32), shape ``(N, 1, 28, 28)``; needs torchvision.
 

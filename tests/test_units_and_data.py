@@ -86,6 +86,18 @@ def test_digits_split_is_fixed():
         data.load_digits("training")
 
 
+def test_digit_labels_follow_the_same_split():
+    from sklearn.datasets import load_digits
+    sk = load_digits()
+    images, labels = data.load_digits("val", flat=True), data.load_digit_labels("val")
+    assert labels.shape == (350,) and labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
+    for k in (0, 123, 349):  # each image carries its own scikit-learn label
+        match = np.flatnonzero((sk.images.reshape(1797, -1) == images[k].numpy()).all(1))
+        assert labels[k].item() in sk.target[match]
+    with pytest.raises(ValueError, match="split"):
+        data.load_digit_labels("training")
+
+
 @pytest.mark.parametrize("name", data.TOY_NAMES)
 def test_toy_samplers_are_seeded(name):
     a, b = data.toy_2d(name, 500, seed=1), data.toy_2d(name, 500, seed=1)

@@ -41,6 +41,7 @@ import dgmlib.data
 import dgmlib.flows
 import dgmlib.train
 import dgmlib.units
+import dgmlib.vae
 
 __all__ = ["TamperingError", "verify_untampered", "trusted", "assert_close", "assert_not_close",
            "assert_equal", "assert_true", "assert_le", "assert_shape", "randomised"]
@@ -60,7 +61,7 @@ _TENSOR_METHODS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "
                    "cpu", "clone", "size", "tolist", "flatten", "reshape", "double", "float")
 _NUMPY_NAMES = ("allclose", "array_equal", "isclose", "ascontiguousarray", "testing.assert_allclose")
 _MATH_NAMES = ("isclose", "isfinite", "log", "exp")
-_DGMLIB_MODULES = (dgmlib.config, dgmlib.data, dgmlib.flows, dgmlib.train, dgmlib.units)
+_DGMLIB_MODULES = (dgmlib.config, dgmlib.data, dgmlib.flows, dgmlib.train, dgmlib.units, dgmlib.vae)
 _C_TYPES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
             types.ClassMethodDescriptorType, types.MethodWrapperType, types.GetSetDescriptorType)
 
