@@ -33,7 +33,7 @@ __all__ = [
     "reparameterize", "gaussian_log_prob", "standard_normal_log_prob", "kl_normal_standard", "kl_normal",
     "iwae_bound", "discretized_logistic_log_prob", "active_units", "log_aggregate_posterior",
     "ElboSurgery", "elbo_surgery", "GaussianEncoder", "DecoderNet", "CategoricalDecoder", "DiscretizedLogisticDecoder",
-    "BernoulliDecoder", "AutoregressiveDecoder", "StandardNormalPrior", "MixturePrior", "VampPrior",
+    "BernoulliDecoder", "MaskedConv2d", "AutoregressiveDecoder", "StandardNormalPrior", "MixturePrior", "VampPrior",
     "FlowPrior", "VAE", "HierarchicalVAE", "build_vae", "vae_metrics", "PRIORS", "DECODERS",
 ]
 
@@ -159,8 +159,15 @@ def iwae_bound(log_weights: Tensor) -> Tensor:
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(-x))`` for ``x > 0``, stable for both tiny and large ``x`` (Maechler 2012)."""
-    return torch.where(x < math.log(2.0), torch.log(-torch.expm1(-x)), torch.log1p(-torch.exp(-x)))
+    """``log(1 - exp(-x))`` for ``x > 0``, stable for both tiny and large ``x`` (Maechler 2012).
+
+    Each branch gets only inputs in its own range, so the branch ``torch.where`` discards cannot
+    send an infinite gradient (times zero: NaN) back.
+    """
+    small = x < math.log(2.0)
+    x_small = torch.where(small, x, torch.full_like(x, 0.5))
+    x_large = torch.where(small, torch.full_like(x, 1.0), x)
+    return torch.where(small, torch.log(-torch.expm1(-x_small)), torch.log1p(-torch.exp(-x_large)))
 
 
 def discretized_logistic_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, num_levels: int) -> Tensor:
@@ -171,11 +178,12 @@ def discretized_logistic_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, nu
 
         P(y) = F(y + 1/2) - F(y - 1/2),   P(0) = F(1/2),   P(K-1) = 1 - F(K - 3/2),
 
-    with ``F(v) = sigmoid((v - mean) / scale)``. Differences of sigmoids are evaluated as
-    ``log sigmoid(a) + log(1 - exp(log sigmoid(b) - log sigmoid(a)))``, reflected to the upper tail
-    when the bin lies above the mean, so the result is accurate for any scale: a scale of 1e-9
-    gives ``log P = 0`` at the mean's level and large finite negatives elsewhere, never NaN or -inf.
-    The probabilities of the K levels sum to 1.
+    with ``F(v) = sigmoid((v - mean) / scale)``. With ``a, b`` the standardised bin edges,
+    ``sigmoid(a) - sigmoid(b)`` is evaluated as ``log sigmoid(a) + log(1 - exp(log sigmoid(b) -
+    log sigmoid(a)))``; for a bin above the mean it is first reflected to ``sigmoid(-b) - sigmoid(-a)``,
+    whose terms do not round to 1. The result is accurate at any scale: a scale of 1e-9 gives
+    ``log P = 0`` at the mean's level and large finite negatives elsewhere, never NaN or -inf, and
+    finite gradients. The probabilities of the K levels sum to 1.
 
     Args:
         y: integer levels ``(...)``, values in ``{0..K-1}`` (float or integer dtype).
@@ -196,14 +204,11 @@ def discretized_logistic_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, nu
     big = torch.finfo(mean.dtype).max ** 0.25  # a finite stand-in for +-infinity at the edge bins
     upper = torch.where(y >= num_levels - 1, torch.full_like(y, big), (y + 0.5 - mean) * inv_scale)
     lower = torch.where(y <= 0, torch.full_like(y, -big), (y - 0.5 - mean) * inv_scale)
-    tiny = torch.finfo(mean.dtype).tiny
-    # below the mean: log(s(a) - s(b)) = log s(a) + log(1 - s(b)/s(a)) with a = upper, b = lower
-    ls_a, ls_b = F.logsigmoid(upper), F.logsigmoid(lower)
-    left = ls_a + _log1mexp((ls_a - ls_b).clamp_min(tiny))
-    # above the mean: the same difference as s(-b) - s(-a), whose terms do not round to 1
-    ls_nb, ls_na = F.logsigmoid(-lower), F.logsigmoid(-upper)
-    right = ls_nb + _log1mexp((ls_nb - ls_na).clamp_min(tiny))
-    return torch.where(upper + lower < 0, left, right)
+    above = upper + lower > 0  # the bin lies above the mean: reflect it
+    a = torch.where(above, -lower, upper)
+    b = torch.where(above, -upper, lower)
+    ls_a, ls_b = F.logsigmoid(a), F.logsigmoid(b)
+    return ls_a + _log1mexp((ls_a - ls_b).clamp_min(torch.finfo(mean.dtype).tiny))
 
 
 # --------------------------------------------------------------------------- diagnostics
@@ -538,43 +543,60 @@ class BernoulliDecoder(_Decoder):
         return torch.bernoulli(self.mean(z), generator=generator)
 
 
-class _MaskedLinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, mask: Tensor) -> None:
-        super().__init__(in_features, out_features)
+class MaskedConv2d(nn.Conv2d):
+    """A PixelCNN convolution: each output sees only the pixels before it in raster order.
+
+    Type ``"A"`` also hides the centre pixel (first layer: pixel ``d`` must not see ``y_d``); type
+    ``"B"`` keeps it (later layers). Van den Oord et al. 2016, "Pixel recurrent neural networks",
+    Sec. 3.5 and Fig. 4 (single channel, so no colour masks).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask_type: str) -> None:
+        if mask_type not in ("A", "B") or kernel_size % 2 == 0:
+            raise ValueError(f"mask_type must be 'A' or 'B' and kernel_size odd, got {mask_type!r}, {kernel_size}")
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        mask = torch.ones_like(self.weight)
+        c = kernel_size // 2
+        mask[:, :, c, c + (mask_type == "B"):] = 0  # the centre row: right of the centre (and it, for A)
+        mask[:, :, c + 1:] = 0  # every row below
         self.register_buffer("mask", mask)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        """``(N, C_in, H, W) -> (N, C_out, H, W)`` with the masked kernel."""
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
 
 
 class AutoregressiveDecoder(_Decoder):
-    """A decoder powerful enough to ignore ``z``: ``p(y|z) = prod_d Cat(y_d | y_<d, z)`` (a MADE).
+    """A decoder powerful enough to do without ``z``: ``p(y|z) = prod_d Cat(y_d | y_<d, z)``, a conditional PixelCNN.
 
-    Masked linear layers (Germain et al. 2015, MADE, Eq. 10-13) in raster order, with ``z`` added to
-    the first hidden layer. Because it can model the pixels from each other, the KL term wins and
-    the posterior collapses to the prior (Chen et al. 2017, "Variational lossy autoencoder",
-    Sec. 2): the demonstration of lecture 05. Sampling is sequential (D passes).
+    A type-A masked 5x5 convolution, then residual type-B masked 3x3 convolutions; ``z`` enters
+    every layer as a per-channel bias (the conditional PixelCNN of van den Oord et al. 2016,
+    "Conditional image generation with PixelCNN decoders", Eq. 4). Because the pixels explain each
+    other, the KL term pushes most of the information out of ``z``: the posterior collapses
+    towards the prior (Chen et al. 2017, "Variational lossy autoencoder", Sec. 2), the demonstration
+    of lecture 05. Sampling is sequential (``D`` passes).
     """
 
-    def __init__(self, latent_dim: int, event_shape: Sequence[int], num_levels: int, hidden: int = 256) -> None:
+    def __init__(self, latent_dim: int, event_shape: Sequence[int], num_levels: int, channels: int = 64,
+                 num_layers: int = 4) -> None:
         super().__init__(latent_dim, event_shape, num_levels, 0, 0)
-        d, k = self.num_dims, num_levels
-        degree_in = torch.arange(d)  # pixel d sees pixels < d
-        degree_hidden = torch.arange(hidden) % max(d - 1, 1)
-        m1 = (degree_hidden[:, None] >= degree_in[None, :]).float()  # (H, D)
-        m2 = (degree_hidden[:, None] >= degree_hidden[None, :]).float()  # (H, H)
-        m3 = (degree_in[:, None] > degree_hidden[None, :]).float().repeat_interleave(k, 0)  # (D K, H)
-        self.inp = _MaskedLinear(d, hidden, m1)
-        self.mid = _MaskedLinear(hidden, hidden, m2)
-        self.out = _MaskedLinear(hidden, d * k, m3)
-        self.cond = nn.Linear(latent_dim, hidden)
+        c = self.event_shape[0]
+        self.channels, self.num_layers = channels, num_layers
+        self.first = MaskedConv2d(c, channels, 5, "A")
+        self.layers = nn.ModuleList([MaskedConv2d(channels, channels, 3, "B") for _ in range(num_layers)])
+        self.cond = nn.Linear(latent_dim, channels * (num_layers + 1))
+        self.out = nn.Conv2d(channels, c * num_levels, 1)
 
     def logits(self, y_flat: Tensor, z: Tensor) -> Tensor:
-        """``(..., D, K)`` logits of each pixel given the earlier pixels of ``y_flat (..., D)`` and ``z``."""
-        x = y_flat / (self.num_levels - 1)
-        h = F.elu(self.inp(x) + self.cond(z))
-        h = F.elu(self.mid(h))
-        return self.out(h).unflatten(-1, (self.num_dims, self.num_levels))
+        """``(..., D, K)`` logits of each pixel given the earlier pixels of ``y_flat (..., D)`` and ``z (..., L)``."""
+        lead, (c, h, w) = z.shape[:-1], self.event_shape
+        x = y_flat.reshape(-1, c, h, w) / (self.num_levels - 1)  # (N, C, H, W)
+        bias = self.cond(z.reshape(-1, self.latent_dim)).view(-1, self.num_layers + 1, self.channels, 1, 1)
+        hid = F.elu(self.first(x) + bias[:, 0])
+        for i, layer in enumerate(self.layers):
+            hid = hid + F.elu(layer(hid) + bias[:, i + 1])
+        out = self.out(hid).view(-1, c, self.num_levels, h, w).permute(0, 1, 3, 4, 2)  # (N, C, H, W, K)
+        return out.reshape(*lead, self.num_dims, self.num_levels)
 
     def log_prob(self, y: Tensor, z: Tensor) -> Tensor:
         """``log p(y | z)`` in nats, ``(B,)`` or ``(B, S)``."""
@@ -584,7 +606,7 @@ class AutoregressiveDecoder(_Decoder):
         return logp.gather(-1, y.long().unsqueeze(-1)).squeeze(-1).sum(-1)
 
     def sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Levels drawn pixel by pixel, shape ``(B, *event_shape)``."""
+        """Levels drawn pixel by pixel in raster order, shape ``(B, *event_shape)``."""
         y = z.new_zeros(z.shape[0], self.num_dims)
         for d in range(self.num_dims):
             probs = F.softmax(self.logits(y, z)[:, d], dim=-1)
@@ -899,12 +921,12 @@ def build_vae(event_shape: Sequence[int] = (1, 8, 8), num_levels: int = 17, late
     """The course's MLP VAE with a named prior and decoder (what ``dgm train vae`` builds).
 
     Args:
-        hidden: width of the MLP encoder (and of the autoregressive decoder).
-        channels: feature maps of the convolutional decoders (``DecoderNet``).
+        hidden: width of the MLP encoder.
+        channels: feature maps of the convolutional decoders (``DecoderNet``, the PixelCNN).
         prior: one of ``PRIORS``: ``standard`` N(0, I), ``mog`` (``num_components`` Gaussians),
             ``vamp`` (``num_pseudo`` pseudo-inputs, optionally initialised from ``pseudo_init``
             levels), ``flow`` (RealNVP in latent space).
-        decoder: one of ``DECODERS``: ``categorical``, ``dlogistic`` or ``autoregressive`` (MADE).
+        decoder: one of ``DECODERS``: ``categorical``, ``dlogistic`` or ``autoregressive`` (PixelCNN).
 
     Raises:
         ValueError: for an unknown prior or decoder name.
@@ -920,7 +942,7 @@ def build_vae(event_shape: Sequence[int] = (1, 8, 8), num_levels: int = 17, late
     elif decoder == "dlogistic":
         dec = DiscretizedLogisticDecoder(latent_dim, event_shape, num_levels, channels)
     else:
-        dec = AutoregressiveDecoder(latent_dim, event_shape, num_levels, hidden)
+        dec = AutoregressiveDecoder(latent_dim, event_shape, num_levels, channels)
     if prior == "standard":
         p: nn.Module = StandardNormalPrior(latent_dim)
     elif prior == "mog":

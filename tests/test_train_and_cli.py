@@ -104,3 +104,21 @@ def test_cli_train_fast(tmp_path):
 def test_cli_rejects_unknown_model():
     with pytest.raises(SystemExit):
         main(["train", "glow9000"])
+
+
+def test_cli_trains_a_vae_with_a_prior(tmp_path):
+    out = tmp_path / "vae"
+    assert main(["train", "vae", "--prior", "flow", "--decoder", "dlogistic", "--epochs", "1", "--fast",
+                 "--no-progress", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test_nll_nats", "test_bits_per_dim", "neg_elbo_nats", "kl_nats", "mutual_info_nats",
+                "marginal_kl_nats", "active_units"):
+        assert key in metrics, key
+    assert metrics["prior"] == "flow" and metrics["decoder"] == "dlogistic" and metrics["iwae_k"] == 100
+    assert metrics["test_nll_nats"] <= metrics["neg_elbo_nats"] + 1.0  # IWAE is the tighter bound
+    assert metrics["mutual_info_nats"] <= metrics["log_n"] + 1e-6
+    assert (out / "samples.png").exists() and (out / "model.pt").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "realnvp", "--prior", "flow"])
+    with pytest.raises(SystemExit):
+        main(["train", "vae", "--prior", "gaussian"])

@@ -108,10 +108,13 @@ def test_importance_nll_is_chunked_without_changing_the_estimate():
 @pytest.mark.parametrize("mean", [-3.0, 0.0, 0.4, 7.5, 16.0, 25.0])
 def test_discretized_logistic_sums_to_one(mean, log_scale):
     levels = torch.arange(17, dtype=torch.float64)
-    m, s = torch.full_like(levels, mean), torch.full_like(levels, log_scale)
+    m = torch.full_like(levels, mean, requires_grad=True)
+    s = torch.full_like(levels, log_scale, requires_grad=True)
     logp = vae.discretized_logistic_log_prob(levels, m, s, 17)
     assert torch.isfinite(logp).all()
     assert torch.logsumexp(logp, 0).item() == pytest.approx(0.0, abs=1e-9)
+    logp.sum().backward()  # no NaN from the branches torch.where discards
+    assert torch.isfinite(m.grad).all() and torch.isfinite(s.grad).all()
 
 
 def test_discretized_logistic_matches_the_cdf_and_is_stable_at_tiny_scales():
@@ -214,7 +217,7 @@ def test_decoders_give_normalised_distributions_over_levels(decoder):
     torch.manual_seed(0)
     dec = {"categorical": lambda: vae.CategoricalDecoder(3, (1, 2, 2), 3, channels=4),
            "dlogistic": lambda: vae.DiscretizedLogisticDecoder(3, (1, 2, 2), 3, channels=4),
-           "autoregressive": lambda: vae.AutoregressiveDecoder(3, (1, 2, 2), 3, hidden=8)}[decoder]()
+           "autoregressive": lambda: vae.AutoregressiveDecoder(3, (1, 2, 2), 3, channels=4, num_layers=2)}[decoder]()
     ys = torch.cartesian_prod(*[torch.arange(3.0)] * 4).view(-1, 1, 2, 2)  # all 81 images
     z = torch.randn(1, 3).expand(len(ys), 3)
     with torch.no_grad():
@@ -233,10 +236,13 @@ def test_bernoulli_decoder_on_binarized_digits():
 
 
 def test_autoregressive_decoder_is_causal():
-    dec = vae.AutoregressiveDecoder(2, (1, 2, 3), 5, hidden=16)
-    y, z = torch.randint(0, 5, (1, 6)).float(), torch.randn(1, 2)
+    dec = vae.AutoregressiveDecoder(2, (1, 4, 4), 5, channels=8, num_layers=3)
+    for p in dec.parameters():
+        p.data.normal_(0, 0.3)
+    y, z = torch.randint(0, 5, (1, 16)).float(), torch.randn(1, 2)
     jac = torch.autograd.functional.jacobian(lambda v: dec.logits(v, z).sum(-1), y)[0, :, 0]  # (D, D)
-    assert torch.equal(jac.triu() != 0, torch.zeros(6, 6, dtype=torch.bool))  # logit d ignores y_>=d
+    assert torch.equal(jac.triu() != 0, torch.zeros(16, 16, dtype=torch.bool))  # logit d ignores y_>=d
+    assert (jac.tril(-1) != 0).sum() > 40  # ...and does use earlier pixels
 
 
 def test_hierarchical_vae_bounds_and_gradients():
