@@ -243,7 +243,7 @@ def test_attackers_earn_nothing_and_harm_no_one(tmp_path, name):
         nbformat.write(nb, folder / notebook_file.name)
 
     # the instructor's command, exactly as the README gives it
-    assert main(["grade", name, "--course", str(course), "--jobs", "2", "--timeout", "120"]) == 0
+    assert main(["grade", name, "--course", str(course), "--jobs", "2", "--timeout", "90"]) == 0
     reported = json.loads((course / "reports" / f"{name}.json").read_text())
     results = {r["student"]: classroom.StudentResult(**r) for r in reported}
 
