@@ -58,12 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be positive")
     options = {k: v for k, v in (("prior", args.prior), ("decoder", args.decoder)) if v is not None}
-    for key, value in options.items():
-        allowed = MODELS[args.model].options.get(key)
-        if allowed is None:
-            parser.error(f"--{key} does not apply to {args.model}")
-        if value not in allowed:
-            parser.error(f"--{key} must be one of {', '.join(allowed)}, got {value!r}")
+    try:
+        MODELS[args.model].check_options(options)
+    except ValueError as err:
+        parser.error(f"{args.model}: {err}")
     if args.fast:
         os.environ["DGM_FAST"] = "1"
     default_out = "_".join([args.model, *options.values()])
@@ -96,9 +94,7 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     from dgmlib.units import nats_to_bits_per_dim
 
     spec = MODELS[name]
-    for key, value in options.items():
-        if value not in spec.options.get(key, ()):
-            raise ValueError(f"{name} has no option {key}={value!r}; options: {spec.options}")
+    spec.check_options(options)
     torch.manual_seed(seed)
     data = load_image_data(data_name)
     model = spec.build(data, **options)

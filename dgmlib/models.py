@@ -42,6 +42,18 @@ class ModelSpec:
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)
     report: Callable[[nn.Module, ImageData, int], dict] | None = None
 
+    def check_options(self, options: dict[str, str]) -> None:
+        """Check builder options such as ``{"prior": "flow"}`` against ``self.options``.
+
+        Raises:
+            ValueError: naming the option that does not apply to this model or its allowed values.
+        """
+        for key, value in options.items():
+            if key not in self.options:
+                raise ValueError(f"--{key} does not apply to this model")
+            if value not in self.options[key]:
+                raise ValueError(f"--{key} must be one of {', '.join(self.options[key])}, got {value!r}")
+
     def train_settings(self) -> dict:
         """Keyword arguments for ``dgmlib.train.fit``, honouring fast mode."""
         return {"epochs": pick(self.epochs, self.fast_epochs), "lr": self.lr, "batch_size": self.batch_size,
@@ -79,7 +91,7 @@ MODELS: dict[str, ModelSpec] = {
                     "--decoder {categorical,dlogistic} (lectures 05-06)",
         build=_build_vae, epochs=2000, fast_epochs=30, lr=1e-3, batch_size=64,
         time_budget=150.0, fast_time_budget=20.0,
-        options={"prior": tuple(p for p in vae.PRIORS), "decoder": ("categorical", "dlogistic")},
+        options={"prior": vae.PRIORS, "decoder": ("categorical", "dlogistic")},
         report=_vae_report,
     ),
     "hvae": ModelSpec(

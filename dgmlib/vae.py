@@ -34,7 +34,7 @@ __all__ = [
     "iwae_bound", "discretized_logistic_log_prob", "active_units", "log_aggregate_posterior",
     "ElboSurgery", "elbo_surgery", "GaussianEncoder", "DecoderNet", "CategoricalDecoder", "DiscretizedLogisticDecoder",
     "BernoulliDecoder", "MaskedConv2d", "AutoregressiveDecoder", "StandardNormalPrior", "MixturePrior", "VampPrior",
-    "FlowPrior", "VAE", "HierarchicalVAE", "build_vae", "vae_metrics", "PRIORS", "DECODERS",
+    "FlowPrior", "LatentVariableModel", "VAE", "HierarchicalVAE", "build_vae", "vae_metrics", "PRIORS", "DECODERS",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -423,16 +423,13 @@ class DecoderNet(nn.Module):
 
 
 class _Decoder(nn.Module):
-    """Shared part of the decoders ``p(y | z)``: the network and flattening ``y`` to match ``z``."""
+    """Shared part of the decoders ``p(y | z)``: sizes, and flattening ``y`` to match ``z``."""
 
-    def __init__(self, latent_dim: int, event_shape: Sequence[int], num_levels: int, params_per_dim: int,
-                 channels: int) -> None:
+    def __init__(self, latent_dim: int, event_shape: Sequence[int], num_levels: int) -> None:
         super().__init__()
         _check_positive_int(latent_dim, "latent_dim")
         self.latent_dim, self.event_shape, self.num_levels = latent_dim, tuple(event_shape), num_levels
         self.num_dims = math.prod(self.event_shape)
-        if params_per_dim:
-            self.net = DecoderNet(latent_dim, event_shape, params_per_dim, channels)
 
     def _flat_y(self, y: Tensor, z: Tensor) -> Tensor:
         check_levels(y, self.num_levels)
@@ -457,7 +454,8 @@ class CategoricalDecoder(_Decoder):
     """
 
     def __init__(self, latent_dim: int, event_shape: Sequence[int], num_levels: int, channels: int = 64) -> None:
-        super().__init__(latent_dim, event_shape, num_levels, num_levels, channels)
+        super().__init__(latent_dim, event_shape, num_levels)
+        self.net = DecoderNet(latent_dim, event_shape, num_levels, channels)
 
     def logits(self, z: Tensor) -> Tensor:
         """Unnormalised log-probabilities ``(..., D, K)`` for ``z (..., L)``."""
@@ -495,7 +493,8 @@ class DiscretizedLogisticDecoder(_Decoder):
 
     def __init__(self, latent_dim: int, event_shape: Sequence[int], num_levels: int, channels: int = 64,
                  min_log_scale: float = -5.0) -> None:
-        super().__init__(latent_dim, event_shape, num_levels, 2, channels)
+        super().__init__(latent_dim, event_shape, num_levels)
+        self.net = DecoderNet(latent_dim, event_shape, 2, channels)
         self.min_log_scale = min_log_scale
 
     def params(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -526,7 +525,8 @@ class BernoulliDecoder(_Decoder):
     """``p(y|z) = prod_d Bernoulli(y_d | sigmoid(logits_d(z)))`` for binarized images (``K = 2``)."""
 
     def __init__(self, latent_dim: int, event_shape: Sequence[int], channels: int = 64) -> None:
-        super().__init__(latent_dim, event_shape, 2, 1, channels)
+        super().__init__(latent_dim, event_shape, 2)
+        self.net = DecoderNet(latent_dim, event_shape, 1, channels)
 
     def log_prob(self, y: Tensor, z: Tensor) -> Tensor:
         """``log p(y | z)`` in nats, ``(B,)`` or ``(B, S)``; ``y`` must hold 0/1."""
@@ -579,7 +579,7 @@ class AutoregressiveDecoder(_Decoder):
 
     def __init__(self, latent_dim: int, event_shape: Sequence[int], num_levels: int, channels: int = 64,
                  num_layers: int = 4) -> None:
-        super().__init__(latent_dim, event_shape, num_levels, 0, 0)
+        super().__init__(latent_dim, event_shape, num_levels)
         c = self.event_shape[0]
         self.channels, self.num_layers = channels, num_layers
         self.first = MaskedConv2d(c, channels, 5, "A")
@@ -743,7 +743,63 @@ class FlowPrior(nn.Module):
 # --------------------------------------------------------------------------- models
 
 
-class VAE(nn.Module):
+class LatentVariableModel(nn.Module):
+    """What ``VAE`` and ``HierarchicalVAE`` share: the bounds built from ``elbo_terms`` and ``log_weights``.
+
+    A subclass sets ``num_levels`` and ``event_shape`` and implements ``encode(y) -> (mu, log_var)``
+    (of the latent that ELBO surgery and active units look at), ``elbo_terms``, ``log_weights``,
+    ``log_prior`` (the prior density of that latent) and ``sample``.
+    """
+
+    num_levels: int
+    event_shape: tuple[int, ...]
+
+    def _inputs(self, y: Tensor) -> Tensor:
+        check_levels(y, self.num_levels)
+        if tuple(y.shape[1:]) != self.event_shape or y.dim() != len(self.event_shape) + 1:
+            raise ValueError(f"y must have shape (B, {', '.join(map(str, self.event_shape))}), got {tuple(y.shape)}")
+        return y.float() / (self.num_levels - 1)
+
+    def elbo_terms(self, y: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One-sample ELBO split ``(recon, kl)``, each ``(B,)`` nats: ``ELBO = recon - kl``."""
+        raise NotImplementedError
+
+    def log_weights(self, y: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """Importance log-weights ``log p(y, z_s) - log q(z_s | y)``, ``z_s ~ q``, shape ``(B, k)``."""
+        raise NotImplementedError
+
+    def elbo(self, y: Tensor) -> Tensor:
+        """One-sample ELBO, a lower bound on ``log P(y)``, ``(B,)`` nats."""
+        recon, kl = self.elbo_terms(y)
+        return recon - kl
+
+    def nll(self, y: Tensor) -> Tensor:
+        """Negative ELBO, ``(B,)`` nats: the training loss and an upper bound on ``-log P(y)``."""
+        return -self.elbo(y)
+
+    def iwae(self, y: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """IWAE bound with ``k`` samples (Burda et al. 2016, Eq. 8), ``(B,)`` nats; ``k = 1`` is the ELBO."""
+        return iwae_bound(self.log_weights(y, k, generator))
+
+    @torch.no_grad()
+    def importance_nll(self, y: Tensor, k: int = 1000, chunk: int = 100,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """``-log P(y)`` estimated by importance sampling with ``k`` draws from ``q``, ``(B,)`` nats.
+
+        The same estimator as ``-iwae(y, k)`` (Burda et al. 2016, Sec. 5.1, k = 5000 there), but the
+        decoder runs on ``chunk`` samples at a time, so memory is ``O(B * chunk * D * K)`` rather
+        than ``O(B * k * D * K)``; only the ``(B, k)`` log-weights are kept.
+
+        Raises:
+            ValueError: if ``k`` or ``chunk`` is not a positive integer; as ``encode`` for bad ``y``.
+        """
+        _check_positive_int(k, "k")
+        _check_positive_int(chunk, "chunk")
+        parts = [self.log_weights(y, min(chunk, k - start), generator) for start in range(0, k, chunk)]
+        return -iwae_bound(torch.cat(parts, dim=1))
+
+
+class VAE(LatentVariableModel):
     """A VAE for discrete images: Gaussian encoder, any prior with ``log_prob``/``sample``, a discrete decoder.
 
     ``nll(y)`` is the negative ELBO (the training loss of ``dgmlib.train.fit``); ``iwae`` and
@@ -773,12 +829,6 @@ class VAE(nn.Module):
         """Whether the KL term is computed in closed form (only for the standard-normal prior)."""
         return isinstance(self.prior, StandardNormalPrior)
 
-    def _inputs(self, y: Tensor) -> Tensor:
-        check_levels(y, self.num_levels)
-        if tuple(y.shape[1:]) != self.event_shape or y.dim() != len(self.event_shape) + 1:
-            raise ValueError(f"y must have shape (B, {', '.join(map(str, self.event_shape))}), got {tuple(y.shape)}")
-        return y.float() / (self.num_levels - 1)
-
     def encode(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior parameters ``(mu, log_var)`` of ``q(z | y)``, each ``(B, L)``.
 
@@ -802,42 +852,16 @@ class VAE(nn.Module):
             kl = gaussian_log_prob(z, mu, log_var) - self.prior.log_prob(z)
         return recon, kl
 
-    def elbo(self, y: Tensor) -> Tensor:
-        """One-sample ELBO, a lower bound on ``log P(y)``, ``(B,)`` nats."""
-        recon, kl = self.elbo_terms(y)
-        return recon - kl
-
-    def nll(self, y: Tensor) -> Tensor:
-        """Negative ELBO, ``(B,)`` nats: the training loss and an upper bound on ``-log P(y)``."""
-        return -self.elbo(y)
-
     def log_weights(self, y: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """Importance log-weights ``log p(y|z_s) + log p(z_s) - log q(z_s|y)``, ``z_s ~ q``, shape ``(B, k)``."""
         mu, log_var = self.encode(y)
         z = reparameterize(mu, log_var, k, generator)  # (B, k, L)
-        return (self.decoder.log_prob(y, z) + self.prior.log_prob(z)
+        return (self.decoder.log_prob(y, z) + self.log_prior(z)
                 - gaussian_log_prob(z, mu.unsqueeze(1), log_var.unsqueeze(1)))
 
-    def iwae(self, y: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-        """IWAE bound with ``k`` samples (Burda et al. 2016, Eq. 8), ``(B,)`` nats; ``k = 1`` is the ELBO."""
-        return iwae_bound(self.log_weights(y, k, generator))
-
-    @torch.no_grad()
-    def importance_nll(self, y: Tensor, k: int = 1000, chunk: int = 100,
-                       generator: torch.Generator | None = None) -> Tensor:
-        """``-log P(y)`` estimated by importance sampling with ``k`` draws from ``q``, ``(B,)`` nats.
-
-        The same estimator as ``-iwae(y, k)`` (Burda et al. 2016, Sec. 5.1, k = 5000 there), but the
-        decoder runs on ``chunk`` samples at a time, so memory is ``O(B * chunk * D * K)`` rather
-        than ``O(B * k * D * K)``; only the ``(B, k)`` log-weights are kept.
-
-        Raises:
-            ValueError: if ``k`` or ``chunk`` is not a positive integer; as ``encode`` for bad ``y``.
-        """
-        _check_positive_int(k, "k")
-        _check_positive_int(chunk, "chunk")
-        parts = [self.log_weights(y, min(chunk, k - start), generator) for start in range(0, k, chunk)]
-        return -iwae_bound(torch.cat(parts, dim=1))
+    def log_prior(self, z: Tensor) -> Tensor:
+        """``log p(z)`` of the prior, shape ``z.shape[:-1]``, nats."""
+        return self.prior.log_prob(z)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True) -> Tensor:
@@ -847,7 +871,7 @@ class VAE(nn.Module):
         return y / (self.num_levels - 1)
 
 
-class HierarchicalVAE(nn.Module):
+class HierarchicalVAE(LatentVariableModel):
     """Two stochastic layers as in the lecture: ``p(z2) p(z1|z2) p(y|z1)`` and ``q(z1|y) q(z2|y)``.
 
     ELBO (lecture "Hierarchical VAE"; Burda et al. 2016 use the same two-layer model):
@@ -870,8 +894,6 @@ class HierarchicalVAE(nn.Module):
         self.decoder = CategoricalDecoder(l1, event_shape, num_levels, channels)
         self.prior = StandardNormalPrior(l2)
 
-    _inputs = VAE._inputs
-
     def encode(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(mu, log_var)`` of ``q(z1 | y)``, each ``(B, L1)``."""
         return self.encoder(self._inputs(y))
@@ -890,11 +912,6 @@ class HierarchicalVAE(nn.Module):
         kl = kl_normal(mu1, lv1, pm, plv) + kl_normal_standard(mu2, lv2)
         return self.decoder.log_prob(y, z1), kl
 
-    elbo = VAE.elbo
-    nll = VAE.nll
-    iwae = VAE.iwae
-    importance_nll = VAE.importance_nll
-
     def log_weights(self, y: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
         """``log p(y|z1) + log p(z1|z2) + log p(z2) - log q(z1|y) - log q(z2|y)``, shape ``(B, k)``."""
         mu1, lv1 = self.encode(y)
@@ -904,6 +921,16 @@ class HierarchicalVAE(nn.Module):
         pm, plv = self.conditional_prior(z2)
         return (self.decoder.log_prob(y, z1) + gaussian_log_prob(z1, pm, plv) + standard_normal_log_prob(z2)
                 - gaussian_log_prob(z1, mu1[:, None], lv1[:, None]) - gaussian_log_prob(z2, mu2[:, None], lv2[:, None]))
+
+    def log_prior(self, z1: Tensor, num_samples: int = 256) -> Tensor:
+        """``log p(z1) ~= log mean_s p(z1 | z2_s)`` with ``num_samples`` fixed draws ``z2_s ~ N(0, I)``.
+
+        The marginal prior of the first layer, a Monte-Carlo mixture (an estimate, used for ELBO
+        surgery on ``z1``); shape ``z1.shape[:-1]``, nats.
+        """
+        z2 = self.prior.sample(num_samples, generator=torch.Generator().manual_seed(1))
+        pm, plv = self.conditional_prior(z2)  # (S, L1)
+        return torch.logsumexp(gaussian_log_prob(z1.unsqueeze(-2), pm, plv), -1) - math.log(num_samples)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True) -> Tensor:
@@ -959,7 +986,7 @@ def build_vae(event_shape: Sequence[int] = (1, 8, 8), num_levels: int = 17, late
 
 
 @torch.no_grad()
-def vae_metrics(model: nn.Module, test: Tensor, train: Tensor | None = None, k: int = 1000,
+def vae_metrics(model: LatentVariableModel, test: Tensor, train: Tensor | None = None, k: int = 1000,
                 elbo_samples: int = 10, seed: int = 0) -> dict[str, float | int]:
     """Everything ``dgm train vae`` reports, in nats per image unless named otherwise.
 
@@ -984,8 +1011,7 @@ def vae_metrics(model: nn.Module, test: Tensor, train: Tensor | None = None, k: 
     out.update(neg_elbo_nats=kl - recon, recon_nats=-recon, kl_nats=kl)
     data = test if train is None else train
     mu, log_var = model.encode(data)
-    surgery = elbo_surgery(mu, log_var, model.prior.log_prob if isinstance(model, VAE) else
-                           _hierarchical_marginal_prior(model), num_samples=10, generator=g)
+    surgery = elbo_surgery(mu, log_var, model.log_prior, num_samples=10, generator=g)
     out.update(mutual_info_nats=surgery.mutual_info, mutual_info_se=surgery.mutual_info_se,
                marginal_kl_nats=surgery.marginal_kl, marginal_kl_se=surgery.marginal_kl_se,
                surgery_points=surgery.num_points, log_n=surgery.log_n)
@@ -994,13 +1020,3 @@ def vae_metrics(model: nn.Module, test: Tensor, train: Tensor | None = None, k: 
     model.train(was_training)
     return out
 
-
-def _hierarchical_marginal_prior(model: HierarchicalVAE, num_samples: int = 256):
-    """``log p(z1) ~= log mean_s p(z1 | z2_s)``, ``z2_s ~ N(0, I)``: a Monte-Carlo marginal for surgery on z1."""
-    z2 = model.prior.sample(num_samples, generator=torch.Generator().manual_seed(1))
-    pm, plv = model.conditional_prior(z2)  # (S, L1)
-
-    def log_prob(z1: Tensor) -> Tensor:
-        return torch.logsumexp(gaussian_log_prob(z1[:, None], pm[None], plv[None]), 1) - math.log(num_samples)
-
-    return log_prob
