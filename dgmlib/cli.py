@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from dgmlib.data import TOY_NAMES
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dgm`` console script; returns the exit status."""
@@ -16,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the models that `dgm train` knows")
     tr = sub.add_parser("train", help="train a model, then write metrics.json, samples.png and model.pt")
     tr.add_argument("model", help="model name (see `dgm list`)")
-    tr.add_argument("--data", default="digits", choices=["digits", "mnist"], help="dataset (default: digits)")
+    tr.add_argument("--data", default=None, choices=["digits", "mnist", *TOY_NAMES],
+                    help="dataset: digits or mnist for image models, a 2D toy for ffjord "
+                         "(default: digits, or 8gaussians for 2D models)")
     tr.add_argument("--out", default=None, help="output folder (default: runs/MODEL)")
     tr.add_argument("--epochs", type=int, default=None, help="override the model's default epochs")
     tr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -55,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.model not in MODELS:
         parser.error(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
+    spec = MODELS[args.model]
+    if args.data is None:
+        args.data = "8gaussians" if spec.data == "toy2d" else "digits"
+    if (args.data in TOY_NAMES) != (spec.data == "toy2d"):
+        kind = "a 2D toy (" + ", ".join(TOY_NAMES) + ")" if spec.data == "toy2d" else "digits or mnist"
+        parser.error(f"{args.model} trains on {kind}, not {args.data!r}")
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be positive")
     options = {k: v for k, v in (("prior", args.prior), ("decoder", args.decoder)) if v is not None}
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.model}: {err}")
     if args.fast:
         os.environ["DGM_FAST"] = "1"
-    default_out = "_".join([args.model, *options.values()])
+    default_out = "_".join([args.model, *options.values(), *([args.data] if spec.data == "toy2d" else [])])
     metrics = train_model(args.model, args.data, Path(args.out or f"runs/{default_out}"),
                           epochs=args.epochs, seed=args.seed, progress=not args.no_progress, **options)
     print(json.dumps(metrics, indent=2))
@@ -74,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 def train_model(name: str, data_name: str, out: Path, epochs: int | None = None, seed: int = 0,
                 progress: bool = True, **options: str) -> dict:
     """Train registered model ``name`` on ``data_name``; write ``out/{metrics.json,samples.png,
-    curves.png,model.pt}`` and return the metrics (test NLL in nats/image and bits/dim).
+    curves.png,model.pt}`` and return the metrics (test NLL in nats/image and bits/dim, or in nats
+    per point for the 2D toys).
 
     ``options`` go to the model's builder (e.g. ``prior="flow"`` for the VAE).
 
@@ -87,8 +98,8 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     import torch
 
     from dgmlib import plots
-    from dgmlib.config import fast_mode
-    from dgmlib.data import load_image_data
+    from dgmlib.config import fast_mode, pick
+    from dgmlib.data import load_image_data, load_toy_data
     from dgmlib.models import MODELS
     from dgmlib.train import evaluate, fit, save_checkpoint
     from dgmlib.units import nats_to_bits_per_dim
@@ -96,7 +107,10 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     spec = MODELS[name]
     spec.check_options(options)
     torch.manual_seed(seed)
-    data = load_image_data(data_name)
+    toy = spec.data == "toy2d"
+    if toy != (data_name in TOY_NAMES):
+        raise ValueError(f"{name} cannot train on {data_name!r}")
+    data = load_toy_data(data_name) if toy else load_image_data(data_name)
     model = spec.build(data, **options)
     settings = spec.train_settings()
     if epochs is not None:
@@ -116,7 +130,7 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
         "test_bits_per_dim": nats_to_bits_per_dim(report["test_nll_nats"], data.num_dims),
         "val_nll_nats": min(history.val_loss),
         **report,
-        "num_levels": data.num_levels,
+        "num_levels": None if toy else data.num_levels,
         "num_dims": data.num_dims,
         "train_seconds": history.seconds,
         "epochs_run": len(history.train_loss),
@@ -129,10 +143,17 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_checkpoint(out / "model.pt", model, name=name, data=data_name, options=options, metrics=metrics)
-    samples = model.sample(64, generator=torch.Generator().manual_seed(seed))
-    plots.image_grid(samples.clamp(0, 1), nrow=8, vmax=1.0,
-                     title=" ".join([name, *options.values(), f"samples ({data_name})"])).savefig(out / "samples.png", dpi=120)
-    plots.training_curves(history, title=name).savefig(out / "curves.png", dpi=120, bbox_inches="tight")
+    if toy:
+        samples = model.sample(2000, generator=torch.Generator().manual_seed(seed))
+        model.eval()
+        plots.density_2d(model.log_prob, samples[:500], resolution=pick(120, 40),
+                         title=f"{name} on {data_name}: density and samples").savefig(out / "samples.png", dpi=120)
+    else:
+        samples = model.sample(64, generator=torch.Generator().manual_seed(seed))
+        plots.image_grid(samples.clamp(0, 1), nrow=8, vmax=1.0,
+                         title=" ".join([name, *options.values(), f"samples ({data_name})"])).savefig(out / "samples.png", dpi=120)
+    ylabel = "NLL (nats / point)" if toy else "NLL bound (nats / image)"
+    plots.training_curves(history, title=name, ylabel=ylabel).savefig(out / "curves.png", dpi=120, bbox_inches="tight")
     return metrics
 
 

@@ -51,6 +51,19 @@ EXPECTED = {
             "raises": {"test_q_agg": 2, "test_surgery": 2, "test_vamp": 3},
         },
     },
+    "hw5_neural_ode": {
+        "partial_cells": {"adjoint"},
+        "raising_cell": "adjoint",
+        "scores": {
+            "complete": {"test_augmented": 2, "test_adjoint": 3, "test_hutchinson": 3, "test_ffjord": 2,
+                         "test_nll": 4},
+            "blank": {},
+            "partial": {"test_augmented": 2, "test_adjoint": 3},
+            "edited_tests": {},
+            # FFJORD uses only the student's Hutchinson estimator and dgmlib's adjoint
+            "raises": {"test_hutchinson": 3, "test_ffjord": 2, "test_nll": 4},
+        },
+    },
 }
 
 pytestmark = pytest.mark.notebook

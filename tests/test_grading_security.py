@@ -77,6 +77,28 @@ class VampPrior(nn.Module):
 """,
         "train": "model = small_vae()\nhistory = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
     },
+    "hw5_neural_ode": {
+        "adjoint": """
+def augmented_dynamics(func, t, z, a, params):
+    return (func(t, z), a, *[torch.zeros_like(p) for p in params])
+def adjoint_gradients(func, z1, dL_dz1, t0, t1, params, rtol=1e-7, atol=1e-9):
+    return dL_dz1, [torch.zeros_like(p) for p in params]
+""",
+        "hutchinson": "def hutchinson_trace(f, z, eps):\n    return (f * eps).sum(1)",
+        "ffjord": """
+class FFJORD(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.eps = net, None
+    def nll(self, x):
+        return -self.log_prob(x)
+    def dynamics(self, t, state):
+        return torch.zeros_like(state)
+    def log_prob(self, x):
+        return -0.5 * (x ** 2).sum(1) - math.log(2 * math.pi) + 0.0 * sum(p.sum() for p in self.net.parameters())
+""",
+        "train": "model = FFJORD(ode.ConcatMLP(2, 8))\nhistory = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
+    },
 }
 TAMPER_CELL = """
 import builtins, torch, numpy, dgmlib, dgmlib.train, dgmlib.grading
