@@ -41,9 +41,9 @@ def sample_noise(shape: tuple[int, ...], kind: str = "rademacher", generator: to
                  dtype: torch.dtype = torch.float32) -> Tensor:
     """Noise ε with E[ε] = 0 and Cov(ε) = I for Hutchinson's estimator, of the given ``shape``.
 
-    ``kind="rademacher"``: ±1 with probability 1/2 each; ``"gaussian"``: N(0, I). Rademacher has the
-    smaller variance: Var[εᵀAε] = 2 Σ_{i≠j} A_ij² against 2 ||A||_F² for Gaussian noise
-    (Hutchinson 1990; Grathwohl et al. 2019, Sec. 3.1).
+    ``kind="rademacher"``: ±1 with probability 1/2 each; ``"gaussian"``: N(0, I). With S = (A + Aᵀ)/2,
+    Rademacher noise has the smaller variance, Var[εᵀAε] = 2 Σ_{i≠j} S_ij², against 2 ||S||_F² for
+    Gaussian noise (Hutchinson 1990; Grathwohl et al. 2019, Sec. 3.1).
 
     Raises:
         ValueError: for an unknown ``kind``.

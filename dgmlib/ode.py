@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from torchdiffeq import odeint
 
 __all__ = [
-    "augmented_dynamics", "odeint_adjoint", "check_times", "ConcatMLP", "ODEBlock", "ResidualBlock",
+    "SOLVERS", "augmented_dynamics", "odeint_adjoint", "check_times", "ConcatMLP", "ODEBlock", "ResidualBlock",
     "ODENetClassifier", "digits_classification_data", "saved_tensor_bytes",
 ]
 

@@ -122,3 +122,25 @@ def test_cli_trains_a_vae_with_a_prior(tmp_path):
         main(["train", "realnvp", "--prior", "flow"])
     with pytest.raises(SystemExit):
         main(["train", "vae", "--prior", "gaussian"])
+
+
+@pytest.mark.parametrize("toy", ["8gaussians", "2spirals"])
+def test_cli_trains_ffjord_on_a_toy(tmp_path, toy):
+    out = tmp_path / toy
+    assert main(["train", "ffjord", "--data", toy, "--epochs", "1", "--fast", "--no-progress", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("test_nll_nats", "test_nll_se_nats", "nfe_forward", "nfe_backward"):
+        assert key in metrics, key
+    assert metrics["nfe_forward"] >= 6 and metrics["nfe_backward"] >= 6
+    if toy == "8gaussians":  # the true density is known: entropy and gap
+        assert metrics["entropy_gap_nats"] == pytest.approx(metrics["test_nll_nats"] - metrics["true_entropy_nats"])
+        assert metrics["true_entropy_nats"] == pytest.approx(1.697, abs=0.01)
+    else:
+        assert "true_entropy_nats" not in metrics
+    assert (out / "samples.png").exists() and (out / "model.pt").exists()
+
+
+def test_cli_checks_the_data_fits_the_model():
+    for argv in (["train", "ffjord", "--data", "digits"], ["train", "realnvp", "--data", "moons"]):
+        with pytest.raises(SystemExit):
+            main(argv)
