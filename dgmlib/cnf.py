@@ -288,5 +288,12 @@ class CNF(nn.Module):
 
 def ffjord(dim: int = 2, hidden: int = 64, num_layers: int = 4, trace: str = "rademacher",
            activation: str = "tanh", t1: float = 1.0, rtol: float = 1e-5, atol: float = 1e-5) -> CNF:
-    """FFJORD (Grathwohl et al. 2019): a ``ConcatMLP`` velocity, Hutchinson's trace, adjoint training."""
+    """FFJORD (Grathwohl et al. 2019, Sec. 3-4): a ``ConcatMLP`` velocity, Hutchinson's trace, adjoint training.
+
+    The model of ``dgm train ffjord``: ``log_prob(x)`` maps ``(B, dim)`` to ``(B,)`` nats; ``sample(n)``
+    returns ``(n, dim)``. The defaults (width 64, 4 layers, tanh, t1 = 1) fit the 2D toys.
+
+    Raises:
+        ValueError: for bad sizes, an unknown trace or activation, ``t1 <= 0`` or bad tolerances.
+    """
     return CNF(ConcatMLP(dim, hidden, num_layers, activation), dim, t1=t1, trace=trace, rtol=rtol, atol=atol)
