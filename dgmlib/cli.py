@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="train a model, then write metrics.json, samples.png and model.pt")
     tr.add_argument("model", help="model name (see `dgm list`)")
     tr.add_argument("--data", default=None, choices=["digits", "mnist", *TOY_NAMES],
-                    help="dataset: digits or mnist for image models, a 2D toy for ffjord "
-                         "(default: digits, or 8gaussians for 2D models)")
+                    help="dataset: digits or mnist for image models, a 2D toy for ffjord and ddpm "
+                         "(default: digits, or 8gaussians for ffjord)")
     tr.add_argument("--out", default=None, help="output folder (default: runs/MODEL)")
     tr.add_argument("--epochs", type=int, default=None, help="override the model's default epochs")
     tr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
     spec = MODELS[args.model]
     if args.data is None:
-        args.data = "8gaussians" if spec.data == "toy2d" else "digits"
-    if (args.data in TOY_NAMES) != (spec.data == "toy2d"):
-        kind = "a 2D toy (" + ", ".join(TOY_NAMES) + ")" if spec.data == "toy2d" else "digits or mnist"
-        parser.error(f"{args.model} trains on {kind}, not {args.data!r}")
+        args.data = "digits" if spec.data[0] == "images" else "8gaussians"
+    if ("toy2d" if args.data in TOY_NAMES else "images") not in spec.data:
+        kinds = {"images": "digits or mnist", "toy2d": "a 2D toy (" + ", ".join(TOY_NAMES) + ")"}
+        parser.error(f"{args.model} trains on {' or '.join(kinds[k] for k in spec.data)}, not {args.data!r}")
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be positive")
     options = {k: v for k, v in (("prior", args.prior), ("decoder", args.decoder)) if v is not None}
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.model}: {err}")
     if args.fast:
         os.environ["DGM_FAST"] = "1"
-    default_out = "_".join([args.model, *options.values(), *([args.data] if spec.data == "toy2d" else [])])
+    default_out = "_".join([args.model, *options.values(), *([args.data] if args.data in TOY_NAMES else [])])
     metrics = train_model(args.model, args.data, Path(args.out or f"runs/{default_out}"),
                           epochs=args.epochs, seed=args.seed, progress=not args.no_progress, **options)
     print(json.dumps(metrics, indent=2))
@@ -100,6 +100,7 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     from dgmlib import plots
     from dgmlib.config import fast_mode, pick
     from dgmlib.data import load_image_data, load_toy_data
+    from dgmlib.diffusion import DDPM
     from dgmlib.models import MODELS
     from dgmlib.train import evaluate, fit, save_checkpoint
     from dgmlib.units import nats_to_bits_per_dim
@@ -107,28 +108,32 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     spec = MODELS[name]
     spec.check_options(options)
     torch.manual_seed(seed)
-    toy = spec.data == "toy2d"
-    if toy != (data_name in TOY_NAMES):
+    toy = data_name in TOY_NAMES
+    if ("toy2d" if toy else "images") not in spec.data:
         raise ValueError(f"{name} cannot train on {data_name!r}")
     data = load_toy_data(data_name) if toy else load_image_data(data_name)
     model = spec.build(data, **options)
-    settings = spec.train_settings()
+    settings = spec.train_settings(toy)
     if epochs is not None:
         settings["epochs"] = epochs
-    history = fit(model, data.train, data.val, seed=seed, progress=progress, **settings)
+    loss_fn = getattr(model, "training_loss", None)  # DDPM trains on L_simple, the others on their NLL
+    history = fit(model, data.train, data.val, loss_fn=loss_fn, seed=seed, progress=progress, **settings)
     if spec.report is None:
         report = {"test_nll_nats": evaluate(model, data.test, num_samples=4, seed=seed),
                   "likelihood": "uniform-dequantization bound on -log P(y): E_u[-log p((y+u)/K)] + D log K, "
                                 "4 noise draws per test image"}
     else:
         report = spec.report(model, data, seed)
+    likelihood = {}
+    if "test_nll_nats" in report:
+        likelihood = {"test_nll_nats": report["test_nll_nats"],
+                      "test_bits_per_dim": nats_to_bits_per_dim(report["test_nll_nats"], data.num_dims)}
     metrics = {
         "model": name,
         "data": data_name,
         **options,
-        "test_nll_nats": report["test_nll_nats"],
-        "test_bits_per_dim": nats_to_bits_per_dim(report["test_nll_nats"], data.num_dims),
-        "val_nll_nats": min(history.val_loss),
+        **likelihood,
+        ("val_loss" if loss_fn is not None else "val_nll_nats"): min(history.val_loss),
         **report,
         "num_levels": None if toy else data.num_levels,
         "num_dims": data.num_dims,
@@ -143,16 +148,23 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_checkpoint(out / "model.pt", model, name=name, data=data_name, options=options, metrics=metrics)
-    if toy:
+    if toy and hasattr(model, "log_prob"):
         samples = model.sample(2000, generator=torch.Generator().manual_seed(seed))
         model.eval()
         plots.density_2d(model.log_prob, samples[:500], resolution=pick(120, 40),
                          title=f"{name} on {data_name}: density and samples").savefig(out / "samples.png", dpi=120)
+    elif toy:
+        samples = model.sample(2000, generator=torch.Generator().manual_seed(seed))
+        plots.samples_2d(samples, data.test[:2000], title=f"{name} on {data_name}: samples (blue), test data (grey)"
+                         ).savefig(out / "samples.png", dpi=120)
     else:
         samples = model.sample(64, generator=torch.Generator().manual_seed(seed))
+        if isinstance(model, DDPM):  # a DDPM samples in [-1, 1]
+            samples = (samples + 1) / 2
         plots.image_grid(samples.clamp(0, 1), nrow=8, vmax=1.0,
                          title=" ".join([name, *options.values(), f"samples ({data_name})"])).savefig(out / "samples.png", dpi=120)
-    ylabel = "NLL (nats / point)" if toy else "NLL bound (nats / image)"
+    ylabel = ("L_simple (mean squared error of ε)" if loss_fn is not None
+              else "NLL (nats / point)" if toy else "NLL bound (nats / image)")
     plots.training_curves(history, title=name, ylabel=ylabel).savefig(out / "curves.png", dpi=120, bbox_inches="tight")
     return metrics
 

@@ -1,9 +1,10 @@
 """The registry of trainable models: what ``dgm train NAME`` and ``dgm list`` know.
 
-Each topic adds its models to ``MODELS``. An image model (``data="images"``) has ``nll(y) -> (B,)``
-(nats per image, for integer levels ``y``; the training loss) and ``sample(n) -> (n, C, H, W)`` in
-[0, 1]. A 2D density model (``data="toy2d"``) has ``nll(x) -> (B,)`` in nats per point,
-``log_prob`` and ``sample(n) -> (n, 2)``.
+Each topic adds its models to ``MODELS``. An image model (``"images"`` in ``data``) has
+``nll(y) -> (B,)`` (nats per image, for integer levels ``y``) and ``sample(n) -> (n, C, H, W)`` in
+[0, 1] (a DDPM samples in [-1, 1]; the CLI rescales). A 2D model (``"toy2d"``) has ``sample(n) -> (n, 2)``
+and, if it is a density model, ``nll(x)`` and ``log_prob`` in nats per point. The training loss is
+``training_loss(batch)`` where a model defines it (DDPM's L_simple), otherwise ``nll``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 import math
+import time
 
 import torch
 
-from dgmlib import cnf, flows, vae
+from dgmlib import cnf, diffusion, flows, vae
 from dgmlib.config import pick
 from dgmlib.data import TOY_DENSITIES, ImageData, ToyData, toy_entropy
 
@@ -29,14 +31,16 @@ class ModelSpec:
     Attributes:
         description: one line for ``dgm list``.
         build: ``(ImageData, **options) -> nn.Module`` (sized to the data and, in fast mode, shrunk);
-            for ``data="toy2d"`` it receives a ``ToyData``.
+            for a 2D toy it receives a ``ToyData``.
         epochs, lr, batch_size: training defaults; ``time_budget`` caps wall-clock seconds.
         fast_epochs, fast_time_budget: the same under ``DGM_FAST=1``.
         options: the keyword options ``build`` accepts, each with its allowed values and default
             (``dgm train vae --prior flow``).
         report: ``(model, data, seed) -> dict`` of test metrics; None means the default
             ``test_nll_nats`` from ``model.nll`` (for flows, the dequantization bound).
-        data: ``"images"`` (digits, MNIST) or ``"toy2d"`` (the 2D toys of ``dgmlib.data.TOY_NAMES``).
+        toy_settings: overrides of the training settings on 2D toys, each a ``(full, fast)`` pair.
+        data: the kinds of data it trains on: ``"images"`` (digits, MNIST) and/or ``"toy2d"`` (the 2D
+            toys of ``dgmlib.data.TOY_NAMES``); the first is the default.
     """
 
     description: str
@@ -49,7 +53,8 @@ class ModelSpec:
     fast_time_budget: float | None = None
     options: dict[str, tuple[str, ...]] = field(default_factory=dict)
     report: Callable[[nn.Module, ImageData, int], dict] | None = None
-    data: str = "images"
+    data: tuple[str, ...] = ("images",)
+    toy_settings: dict = field(default_factory=dict)
 
     def check_options(self, options: dict[str, str]) -> None:
         """Check builder options such as ``{"prior": "flow"}`` against ``self.options``.
@@ -63,10 +68,13 @@ class ModelSpec:
             if value not in self.options[key]:
                 raise ValueError(f"--{key} must be one of {', '.join(self.options[key])}, got {value!r}")
 
-    def train_settings(self) -> dict:
-        """Keyword arguments for ``dgmlib.train.fit``, honouring fast mode."""
-        return {"epochs": pick(self.epochs, self.fast_epochs), "lr": self.lr, "batch_size": self.batch_size,
-                "time_budget": pick(self.time_budget, self.fast_time_budget)}
+    def train_settings(self, toy: bool = False) -> dict:
+        """Keyword arguments for ``dgmlib.train.fit``, honouring fast mode (and ``toy_settings`` for 2D data)."""
+        settings = {"epochs": pick(self.epochs, self.fast_epochs), "lr": self.lr, "batch_size": self.batch_size,
+                    "time_budget": pick(self.time_budget, self.fast_time_budget)}
+        if toy:
+            settings.update({k: pick(*v) for k, v in self.toy_settings.items()})
+        return settings
 
 
 def _vae_report(model: nn.Module, data: ImageData, seed: int) -> dict:
@@ -102,6 +110,50 @@ def _ffjord_report(model: cnf.CNF, data: ToyData, seed: int) -> dict:
     return metrics
 
 
+def _build_ddpm(d: ImageData | ToyData) -> diffusion.DDPM:
+    T = pick(1000, 100)
+    if isinstance(d, ToyData):
+        return diffusion.DDPM(diffusion.TimeMLP(d.num_dims, hidden=pick(128, 64), num_layers=3),
+                              diffusion.NoiseSchedule.linear(T), (d.num_dims,))
+    return diffusion.DDPM(diffusion.UNet(d.shape[0], base=pick(64, 16)), diffusion.NoiseSchedule.linear(T), d.shape,
+                          num_levels=d.num_levels)
+
+
+def _ddpm_report(model: diffusion.DDPM, data: ImageData | ToyData, seed: int) -> dict:
+    """The bound in nats (images), and DDPM (T steps) against DDIM (50 steps): time and sample distance."""
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    metrics: dict = {"diffusion_steps": model.schedule.T, "ddim_steps": 50}
+    images = isinstance(data, ImageData)
+    if images:
+        terms = [model.bound_terms(batch, g) for batch in data.test.split(500)]
+        total = torch.cat([t["total"] for t in terms])
+        metrics.update(
+            test_nll_nats=total.mean().item(), test_nll_se_nats=(total.std() / math.sqrt(len(total))).item(),
+            bound_prior_nats=torch.cat([t["prior"] for t in terms]).mean().item(),
+            bound_diffusion_nats=torch.cat([t["diffusion"].sum(1) for t in terms]).mean().item(),
+            bound_decoder_nats=torch.cat([t["decoder"] for t in terms]).mean().item(),
+            likelihood="variational bound L_T + sum_t L_{t-1} + L_0 on -log P(y) (Ho et al. Eq. 5), all T terms, "
+                       "one x_t per term, discretized Gaussian decoder over the levels; no dequantization term")
+    n = 64 if images else min(2000, len(data.test), len(data.val))
+    flat = (lambda x: model.to_unit(x).flatten(1)) if images else (lambda x: x)
+    test, held_out = flat(data.test[:n]), flat(data.val[:n])
+    start = time.perf_counter()
+    ddpm = model.sample(n, generator=g)
+    metrics["sample_seconds_ddpm"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ddim = model.ddim_sample(n, 50, generator=g)
+    metrics["sample_seconds_ddim"] = time.perf_counter() - start
+    metrics.update(sample_count=n,
+                   sample_distance=diffusion.sliced_wasserstein(ddpm.flatten(1), test),
+                   sample_distance_ddim=diffusion.sliced_wasserstein(ddim.flatten(1), test),
+                   data_distance=diffusion.sliced_wasserstein(held_out, test),
+                   distance=f"sliced 2-Wasserstein (512 directions) between {n} samples and {n} test points"
+                            + (" in [-1, 1] pixel units" if images else "")
+                            + "; data_distance: held-out data against the same test points, the floor")
+    return metrics
+
+
 MODELS: dict[str, ModelSpec] = {
     "realnvp": ModelSpec(
         description="RealNVP: logit + 8 affine couplings, checkerboard masks, conv conditioners (lecture 02)",
@@ -133,6 +185,13 @@ MODELS: dict[str, ModelSpec] = {
                     "--data 8gaussians|checkerboard|2spirals|... (lecture 09)",
         build=lambda d: cnf.ffjord(d.num_dims, hidden=64, num_layers=4, trace="rademacher", rtol=1e-4, atol=1e-4),
         epochs=1000, fast_epochs=20, lr=1e-3, batch_size=512, time_budget=200.0, fast_time_budget=15.0,
-        report=_ffjord_report, data="toy2d",
+        report=_ffjord_report, data=("toy2d",),
+    ),
+    "ddpm": ModelSpec(
+        description="DDPM: linear schedule, T = 1000, eps-prediction, U-Net (digits) or time MLP "
+                    "(--data swissroll|...), L_simple; bound in bits/dim, DDPM vs DDIM sampling (lecture 10)",
+        build=_build_ddpm, epochs=5000, fast_epochs=3, lr=2e-3, batch_size=128, time_budget=360.0,
+        fast_time_budget=20.0, report=_ddpm_report, data=("images", "toy2d"),
+        toy_settings={"epochs": (300, 3), "batch_size": (128, 512)},
     ),
 }

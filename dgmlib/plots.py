@@ -78,6 +78,23 @@ def density_2d(log_prob: Callable[[Tensor], Tensor], samples: Tensor | None = No
     return fig
 
 
+def samples_2d(samples: Tensor, reference: Tensor | None = None, bounds: Sequence[float] = (-4.0, 4.0, -4.0, 4.0),
+               title: str | None = None, ax: plt.Axes | None = None) -> Figure:
+    """Scatter ``(N, 2)`` samples (blue) over optional ``(M, 2)`` reference points (grey)."""
+    fig, ax = _fig_ax(ax, (4, 4))
+    if reference is not None:
+        r = reference.detach().cpu()
+        ax.scatter(r[:, 0], r[:, 1], s=2, c="grey", alpha=0.4)
+    s = samples.detach().cpu()
+    ax.scatter(s[:, 0], s[:, 1], s=2, c="C0", alpha=0.6)
+    ax.set_xlim(bounds[0], bounds[1])
+    ax.set_ylim(bounds[2], bounds[3])
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
 def training_curves(history, title: str | None = None, ax: plt.Axes | None = None,
                     ylabel: str = "NLL bound (nats / image)") -> Figure:
     """Plot per-epoch training and validation losses of a ``dgmlib.train.History``."""

@@ -1,10 +1,11 @@
 """The whole nbgrader pipeline, for every assignment in solutions/.
 
 1. Regenerating assignments/ from solutions/ reproduces the committed release notebooks.
-2. The solution notebook executes and passes every test, hidden ones included.
-3-4. Autograding simulated submissions in a temporary course gives exactly the expected scores,
-     per test cell and in the exported CSV (the untouched release scores zero).
-5. No solution or hidden-test text appears in assignments/.
+2. Autograding simulated submissions in a temporary course gives exactly the expected scores,
+   per test cell and in the exported CSV (the untouched release scores zero). The "complete"
+   submission is the release with every solution cell filled in; autograding restores the hidden
+   tests, so its full score also shows that the solution notebook runs and passes every test.
+3. No solution or hidden-test text appears in assignments/.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points, nbg, solution_sources
 
@@ -62,6 +62,19 @@ EXPECTED = {
             "edited_tests": {},
             # FFJORD uses only the student's Hutchinson estimator and dgmlib's adjoint
             "raises": {"test_hutchinson": 3, "test_ffjord": 2, "test_nll": 4},
+        },
+    },
+    "hw6_diffusion": {
+        "partial_cells": {"forward"},
+        "raising_cell": "objective",
+        "scores": {
+            "complete": {"test_q_sample": 2, "test_posterior": 2, "test_l_simple": 2, "test_step": 2,
+                         "test_toy": 4, "test_digits": 2},
+            "blank": {},
+            "partial": {"test_q_sample": 2, "test_posterior": 2},
+            "edited_tests": {},
+            # without l_simple and p_sample_step nothing can be trained or sampled
+            "raises": {"test_q_sample": 2, "test_posterior": 2},
         },
     },
 }
@@ -133,14 +146,6 @@ def test_release_leaks_no_solution(name):
                     line = line.strip()
                     if len(line) > 12 and line not in public:
                         assert json.dumps(line)[1:-1] not in released, f"solution text leaked: {line!r}"
-
-
-@pytest.mark.parametrize("name", ASSIGNMENTS)
-def test_solution_notebook_passes_every_test(name, tmp_path):
-    for src_path in sorted((ROOT / "solutions" / name).glob("*.ipynb")):
-        nb = nbformat.read(src_path, as_version=4)
-        NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on any failure
 
 
 @pytest.mark.parametrize("name", ASSIGNMENTS)

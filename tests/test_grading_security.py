@@ -100,6 +100,40 @@ class FFJORD(nn.Module):
 """,
         "train": "model = FFJORD(ode.ConcatMLP(2, 8))\nhistory = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
     },
+    "hw6_diffusion": {
+        "forward": """
+def q_sample(schedule, x0, t, noise):
+    return x0 + noise
+def q_posterior(schedule, x0, x_t, t):
+    return x_t, torch.ones(len(x0), *([1] * (x0.dim() - 1)))
+""",
+        "objective": """
+def l_simple(net, schedule, x0, t, noise):
+    return (x0 - net(x0, t)).pow(2).flatten(1).mean(1)
+def p_sample_step(net, schedule, x_t, t, z):
+    return x_t - 0.01 * net(x_t, torch.full((len(x_t),), t))
+""",
+        "train_toy": """
+class Denoiser(nn.Module):
+    def __init__(self, net, schedule):
+        super().__init__()
+        self.net, self.schedule = net, schedule
+    def training_loss(self, batch):
+        return batch.pow(2).sum(1) * 0 + sum(p.sum() for p in self.net.parameters()) * 0
+    def sample(self, n, generator=None):
+        return torch.randn(n, 2, generator=generator)
+model = Denoiser(diffusion.TimeMLP(2, 16, 2), NoiseSchedule.linear(T))
+history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
+        "train_digits": """
+class DigitDenoiser(nn.Module):
+    def __init__(self, net, schedule):
+        super().__init__()
+        self.net, self.schedule = net, schedule
+digit_model = DigitDenoiser(diffusion.UNet(1, base=8), NoiseSchedule.linear(T))
+digit_history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
+    },
 }
 TAMPER_CELL = """
 import builtins, torch, numpy, dgmlib, dgmlib.train, dgmlib.grading

@@ -144,3 +144,19 @@ def test_cli_checks_the_data_fits_the_model():
     for argv in (["train", "ffjord", "--data", "digits"], ["train", "realnvp", "--data", "moons"]):
         with pytest.raises(SystemExit):
             main(argv)
+
+
+def test_cli_trains_ddpm_on_digits_and_swissroll(tmp_path):
+    assert main(["train", "ddpm", "--epochs", "1", "--fast", "--no-progress", "--out", str(tmp_path / "d")]) == 0
+    metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    for key in ("test_nll_nats", "test_bits_per_dim", "bound_diffusion_nats", "sample_seconds_ddpm",
+                "sample_seconds_ddim", "sample_distance", "sample_distance_ddim", "data_distance"):
+        assert key in metrics, key
+    terms = metrics["bound_prior_nats"] + metrics["bound_diffusion_nats"] + metrics["bound_decoder_nats"]
+    assert metrics["test_nll_nats"] == pytest.approx(terms, rel=1e-4)
+    assert metrics["test_bits_per_dim"] == pytest.approx(metrics["test_nll_nats"] / (64 * 0.6931471805599453))
+    assert main(["train", "ddpm", "--data", "swissroll", "--fast", "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert "test_nll_nats" not in metrics and metrics["epochs_run"] == 3
+    assert 0 < metrics["data_distance"] < metrics["sample_distance"] and metrics["sample_count"] == 2000
+    assert (tmp_path / "s" / "samples.png").exists()

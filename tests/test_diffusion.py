@@ -1,0 +1,202 @@
+"""DDPM (dgmlib.diffusion): schedules, the forward process, the posterior, the bound, the samplers.
+
+Theorems checked (lecture 10, Ho et al. 2020): the closed form of q(x_t | x_0) (Eq. 4), the
+posterior q(x_{t-1} | x_t, x_0) is Bayes' rule (Eq. 6-7), q(x_T | x_0) ≈ N(0, I), the bound's
+terms add up (Eq. 5), and ancestral / DDIM sampling with the exact ε recovers the data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dgmlib import data, diffusion
+from dgmlib.diffusion import DDPM, NoiseSchedule
+
+
+@pytest.mark.parametrize("make", [lambda: NoiseSchedule.linear(1000), lambda: NoiseSchedule.linear(50),
+                                  lambda: NoiseSchedule.cosine(1000), lambda: NoiseSchedule.cosine(20)])
+def test_schedule_is_float64_monotone_and_consistent(make):
+    s = make()
+    assert s.betas.dtype == torch.float64 and len(s.alpha_bar) == s.T
+    assert (s.alpha_bar[1:] < s.alpha_bar[:-1]).all() and 0 < s.alpha_bar[-1] < s.alpha_bar[0] < 1
+    torch.testing.assert_close(s.alpha_bar, torch.cumprod(1 - s.betas, 0))
+    assert s.alpha_bar_prev[0] == 1 and torch.equal(s.alpha_bar_prev[1:], s.alpha_bar[:-1])
+    assert s.posterior_variance[0] == 0 and torch.isfinite(s.posterior_log_variance_clipped).all()
+    assert (s.posterior_variance[1:] <= s.betas[1:]).all()  # β̃_t <= β_t
+
+
+def test_linear_schedule_is_the_papers():
+    s = NoiseSchedule.linear(1000)
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+
+
+def test_q_x_T_is_close_to_standard_normal():
+    # KL(q(x_T | x_0) || N(0, I)) per dimension, for the extreme pixels x_0 = ±1
+    for schedule in (NoiseSchedule.linear(1000), NoiseSchedule.cosine(1000)):
+        x0 = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+        m, v = diffusion.q_mean_variance(schedule, x0, torch.tensor([1000, 1000]))
+        kl = diffusion.normal_kl(m, v.log(), torch.zeros_like(m), torch.zeros_like(m))
+        assert kl.max().item() < 1e-4, kl  # linear: 2.0e-5 nats per dimension; cosine: ~1e-9
+
+
+def test_q_sample_moments_match_the_closed_form_and_the_chain():
+    s = NoiseSchedule.linear(100)
+    n, t = 200_000, 37
+    x0 = torch.full((n, 1), 0.7, dtype=torch.float64)
+    xt = diffusion.q_sample(s, x0, torch.full((n,), t), generator=torch.Generator().manual_seed(0))
+    ab = s.alpha_bar[t - 1].item()
+    se_mean, se_var = math.sqrt((1 - ab) / n), (1 - ab) * math.sqrt(2 / n)
+    assert abs(xt.mean().item() - math.sqrt(ab) * 0.7) < 4 * se_mean
+    assert abs(xt.var().item() - (1 - ab)) < 4 * se_var
+    # the same moments by running the chain q(x_t | x_{t-1}) step by step (Eq. 2)
+    g = torch.Generator().manual_seed(1)
+    x = x0.clone()
+    for k in range(t):
+        x = (1 - s.betas[k]).sqrt() * x + s.betas[k].sqrt() * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    assert abs(x.mean().item() - math.sqrt(ab) * 0.7) < 4 * se_mean
+    assert abs(x.var().item() - (1 - ab)) < 4 * se_var
+
+
+def test_posterior_is_bayes_rule():
+    s = NoiseSchedule.cosine(30)
+    g = torch.Generator().manual_seed(2)
+    x0, xt = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([2, 5, 10, 17, 29, 30])
+    mean, var, log_var = diffusion.q_posterior_mean_variance(s, x0, xt, t)
+    # prior x_{t-1} | x_0 ~ N(sqrt(ab') x0, 1 - ab'); likelihood x_t | x_{t-1} ~ N(sqrt(a) x_{t-1}, b)
+    ab_prev, a, b = s.alpha_bar_prev[t - 1, None], s.alphas[t - 1, None], s.betas[t - 1, None]
+    precision = 1 / (1 - ab_prev) + a / b
+    bayes_mean = (ab_prev.sqrt() * x0 / (1 - ab_prev) + a.sqrt() * xt / b) / precision
+    torch.testing.assert_close(mean, bayes_mean)
+    torch.testing.assert_close(var, 1 / precision)
+    torch.testing.assert_close(log_var, var.log())
+    # and the ε-form of Algorithm 2 equals μ̃ at the x_0 implied by ε
+    eps = diffusion.predict_eps_from_x0(s, xt, t, x0)
+    algorithm2 = (xt - b / (1 - s.alpha_bar[t - 1, None]).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(mean, algorithm2)
+
+
+def test_discretized_gaussian_sums_to_one():
+    K = 17
+    y = torch.arange(K).reshape(K, 1)
+    for mean, log_scale in [(0.0, -2.0), (0.93, -5.0), (-1.4, 0.5), (0.2, -20.0)]:
+        logp = diffusion.discretized_gaussian_log_prob(y, torch.tensor(mean), torch.tensor(log_scale), K)
+        assert torch.isfinite(logp).all()
+        assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+class _Oracle(nn.Module):
+    """The exact ε-prediction E[ε | x_t] for Gaussian data N(m, s² I): a perfect network."""
+
+    def __init__(self, schedule: NoiseSchedule, m: float, s: float) -> None:
+        super().__init__()
+        self.schedule, self.m, self.s = schedule, m, s
+        self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x_t, t):
+        ab = self.schedule.at(self.schedule.alpha_bar, t, x_t)
+        # x_t = sqrt(ab) x0 + sqrt(1 - ab) ε with x0 ~ N(m, s²): E[ε | x_t] = sqrt(1 - ab)(x_t - sqrt(ab) m) / Var[x_t]
+        return (1 - ab).sqrt() * (x_t - ab.sqrt() * self.m) / (ab * self.s ** 2 + 1 - ab)
+
+
+@pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
+def test_ancestral_sampling_with_exact_eps_recovers_gaussian_data(variance):
+    s = NoiseSchedule.linear(1000)
+    model = DDPM(_Oracle(s, 1.5, 0.5), s, (2,))
+    x = model.sample(20_000, variance=variance, generator=torch.Generator().manual_seed(3))
+    assert x.mean().item() == pytest.approx(1.5, abs=0.02)
+    assert x.std().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_single_point_data_and_ddim():
+    s = NoiseSchedule.cosine(200)
+    point = DDPM(_Oracle(s, -0.8, 1e-4), s, (2,))  # data = one point (s -> 0)
+    x = point.sample(500, generator=torch.Generator().manual_seed(4))
+    assert (x + 0.8).abs().max().item() < 0.02
+    assert (point.ddim_sample(500, steps=20, generator=torch.Generator().manual_seed(5)) + 0.8).abs().max().item() < 0.02
+    gauss = DDPM(_Oracle(s, 1.0, 0.7), s, (2,))
+    x = gauss.ddim_sample(20_000, steps=50, generator=torch.Generator().manual_seed(6))
+    assert x.mean().item() == pytest.approx(1.0, abs=0.02) and x.std().item() == pytest.approx(0.7, abs=0.03)
+    # L_simple is zero for the exact ε on single-point data
+    assert point.training_loss(torch.full((64, 2), -0.8, dtype=torch.float64)).max().item() < 1e-6
+
+
+def _tiny_image_model(prediction: str = "eps", T: int = 25) -> DDPM:
+    torch.manual_seed(0)
+    return DDPM(diffusion.UNet(1, base=8, emb_dim=16), NoiseSchedule.linear(T), (1, 8, 8), prediction, num_levels=17)
+
+
+def test_bound_terms_add_up_and_bound_is_sane():
+    model = _tiny_image_model()
+    y = data.load_digits("test")[:6]
+    terms = model.bound_terms(y, torch.Generator().manual_seed(0))
+    assert terms["diffusion"].shape == (6, 24) and (terms["diffusion"] >= -1e-5).all()
+    torch.testing.assert_close(terms["total"], terms["prior"] + terms["diffusion"].sum(1) + terms["decoder"])
+    assert (terms["prior"] >= 0).all() and (terms["decoder"] > 0).all()
+    assert model.nll(y).shape == (6,)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_training_lowers_l_simple(prediction):
+    from dgmlib.train import evaluate, fit
+
+    torch.manual_seed(0)
+    model = DDPM(diffusion.TimeMLP(2, 64, 2, 16), NoiseSchedule.linear(50), (2,), prediction)
+    x = data.toy_2d("swissroll", 2000)
+    before = evaluate(model, x, loss_fn=model.training_loss)
+    fit(model, x, epochs=5, batch_size=128, lr=3e-3, loss_fn=model.training_loss, progress=False)
+    assert evaluate(model, x, loss_fn=model.training_loss) < 0.8 * before
+
+
+def test_networks_and_samplers_shapes():
+    unet = diffusion.UNet(1, base=8, emb_dim=16)
+    for hw in (8, 28):
+        assert unet(torch.randn(3, 1, hw, hw), torch.tensor([1, 5, 9])).shape == (3, 1, hw, hw)
+    model = _tiny_image_model("x0")
+    assert model.sample(4).shape == (4, 1, 8, 8) and model.ddim_sample(4, steps=5).shape == (4, 1, 8, 8)
+    x, kept = model.sample(2, keep=(25, 10, 0))
+    assert set(kept) == {25, 10, 0} and torch.equal(kept[0], x)
+    assert model.sample(3).abs().max() <= 1
+
+
+def test_sliced_wasserstein():
+    x = data.toy_2d("swissroll", 2000, seed=0)
+    assert diffusion.sliced_wasserstein(x, x) == 0
+    near = diffusion.sliced_wasserstein(x, data.toy_2d("swissroll", 2000, seed=1))
+    far = diffusion.sliced_wasserstein(x, x + torch.tensor([1.0, 0.0]))
+    assert near < 0.1 < far and 2 * diffusion.sliced_wasserstein(x, x * 1.1) == pytest.approx(
+        diffusion.sliced_wasserstein(2 * x, 2 * x * 1.1))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: NoiseSchedule([0.1, 0.0]), ValueError, "strictly between 0 and 1"),
+    (lambda: NoiseSchedule([0.1, 1.0]), ValueError, "strictly between 0 and 1"),
+    (lambda: NoiseSchedule([0.1, float("nan")]), ValueError, "strictly between"),
+    (lambda: NoiseSchedule([[0.1]]), ValueError, "1-D"),
+    (lambda: NoiseSchedule.linear(0), ValueError, "positive integer"),
+    (lambda: NoiseSchedule.linear(10, beta_end=2.0), ValueError, "strictly between"),
+    (lambda: NoiseSchedule.linear(20), ValueError, "strictly between"),  # 1000/T scaling: beta_T = 1
+    (lambda: diffusion.q_sample(NoiseSchedule.linear(50), torch.zeros(2, 2), torch.tensor([0, 1])), ValueError, "1 to T"),
+    (lambda: diffusion.q_sample(NoiseSchedule.linear(50), torch.zeros(2, 2), torch.tensor([1, 51])), ValueError, "1 to T"),
+    (lambda: diffusion.q_sample(NoiseSchedule.linear(50), torch.zeros(2, 2), torch.tensor([1.0, 2.0])), TypeError, "integer"),
+    (lambda: diffusion.q_sample(NoiseSchedule.linear(50), torch.zeros(2, 2), torch.tensor([1, 2, 3])), ValueError, r"shape \(2,\)"),
+    (lambda: diffusion.q_sample(NoiseSchedule.linear(50), torch.zeros(2, 2, dtype=torch.long), torch.tensor([1, 2])), TypeError, "floating"),
+    (lambda: diffusion.q_sample(NoiseSchedule.linear(50), torch.zeros(2, 2), torch.tensor([1, 2]), noise=torch.zeros(2, 3)), ValueError, "noise"),
+    (lambda: diffusion.q_posterior_mean_variance(NoiseSchedule.linear(50), torch.zeros(2, 2), torch.zeros(2, 3), torch.tensor([1, 2])), ValueError, "same shape"),
+    (lambda: DDPM(nn.Linear(2, 2), NoiseSchedule.linear(50), (2,), prediction="v"), ValueError, "prediction"),
+    (lambda: DDPM(nn.Linear(2, 2), [0.1], (2,)), TypeError, "NoiseSchedule"),
+    (lambda: _tiny_image_model().ddim_sample(2, steps=26), ValueError, "steps"),
+    (lambda: _tiny_image_model().p_sample(torch.zeros(1, 1, 8, 8), 0), ValueError, "1..25"),
+    (lambda: _tiny_image_model().p_mean_variance(torch.zeros(1, 1, 8, 8), torch.tensor([1]), "sigma"), ValueError, "variance"),
+    (lambda: _tiny_image_model().training_loss(torch.zeros(2, 1, 8, 8) + 20), ValueError, r"\[0, 16\]"),
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,)).nll(torch.zeros(2, 2)), ValueError, "num_levels"),
+    (lambda: diffusion.UNet()(torch.zeros(1, 1, 7, 7), torch.tensor([1])), ValueError, "even"),
+    (lambda: diffusion.sliced_wasserstein(torch.zeros(5, 2), torch.zeros(4, 2)), ValueError, "must both"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
