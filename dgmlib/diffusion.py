@@ -23,7 +23,6 @@ are. All log-likelihood quantities are in nats unless a name says bits.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 
 import torch
@@ -524,12 +523,6 @@ class DDPM(nn.Module):
     def nll(self, y: Tensor) -> Tensor:
         """The variational bound on -log P(y) in nats per image, ``(B,)`` (``bound_terms()['total']``)."""
         return self.bound_terms(y)["total"]
-
-    def sample_seconds(self, n: int, method: str = "ddpm", steps: int = 50) -> float:
-        """Wall-clock seconds to draw ``n`` samples with ``"ddpm"`` (T steps) or ``"ddim"`` (``steps``)."""
-        start = time.perf_counter()
-        self.sample(n) if method == "ddpm" else self.ddim_sample(n, steps)
-        return time.perf_counter() - start
 
 
 def sliced_wasserstein(x: Tensor, y: Tensor, num_projections: int = 512, seed: int = 0) -> float:
