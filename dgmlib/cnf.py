@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint
 
 from dgmlib.flows import check_batch
-from dgmlib.ode import SOLVERS, ConcatMLP, odeint_adjoint
+from dgmlib.ode import ConcatMLP, check_solver, odeint_adjoint
 
 __all__ = ["TRACES", "sample_noise", "exact_trace", "hutchinson_trace", "CNFDynamics", "PlanarDynamics",
            "CNF", "ffjord"]
@@ -201,12 +201,9 @@ class CNF(nn.Module):
                  method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, adjoint: bool = True,
                  exact_eval: bool = True) -> None:
         super().__init__()
-        if method not in SOLVERS:
-            raise ValueError(f"unknown ODE solver {method!r}; choose one of {', '.join(SOLVERS)}")
+        check_solver(method, rtol, atol)
         if not t1 > 0:
             raise ValueError(f"t1 must be positive, got {t1}")
-        if not (rtol > 0 and atol > 0):
-            raise ValueError(f"rtol and atol must be positive, got {rtol}, {atol}")
         self.dynamics = CNFDynamics(net, dim, trace)
         self.dim, self.t1, self.method, self.rtol, self.atol = dim, t1, method, rtol, atol
         self.adjoint, self.exact_eval = adjoint, exact_eval

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgmlib.units import check_levels
-from dgmlib.vae import _log1mexp
+from dgmlib.vae import log_bin_probability
 
 __all__ = [
     "NoiseSchedule", "q_mean_variance", "q_sample", "q_posterior_mean_variance", "predict_x0_from_eps",
@@ -243,15 +243,8 @@ def discretized_gaussian_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, nu
         raise ValueError("mean and log_scale must be finite")
     half = 1.0 / (num_levels - 1)
     centre = levels_to_unit(y, num_levels).to(mean.dtype)
-    inv_scale = torch.exp(-log_scale)
-    big = torch.finfo(mean.dtype).max ** 0.25  # a finite stand-in for +-infinity at the edge bins
-    upper = torch.where(y >= num_levels - 1, torch.full_like(centre, big), (centre + half - mean) * inv_scale)
-    lower = torch.where(y <= 0, torch.full_like(centre, -big), (centre - half - mean) * inv_scale)
-    above = upper + lower > 0  # the bin lies above the mean: use the mirror image, whose CDFs are small
-    a = torch.where(above, -lower, upper)
-    b = torch.where(above, -upper, lower)
-    log_a, log_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
-    return log_a + _log1mexp((log_a - log_b).clamp_min(torch.finfo(mean.dtype).tiny))
+    return log_bin_probability(y.to(mean.dtype), centre - half, centre + half, mean, log_scale, num_levels,
+                               torch.special.log_ndtr)
 
 
 # --------------------------------------------------------------------------- networks

@@ -31,7 +31,8 @@ from torch.autograd.function import once_differentiable
 from torchdiffeq import odeint
 
 __all__ = [
-    "SOLVERS", "augmented_dynamics", "odeint_adjoint", "check_times", "ConcatMLP", "ODEBlock", "ResidualBlock",
+    "SOLVERS", "augmented_dynamics", "odeint_adjoint", "check_times", "check_solver", "ConcatMLP", "ODEBlock",
+    "ResidualBlock",
     "ODENetClassifier", "digits_classification_data", "saved_tensor_bytes",
 ]
 
@@ -71,7 +72,12 @@ def _check_state(z0: Tensor, name: str = "z0") -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def _check_solver(method: str, rtol: float, atol: float) -> None:
+def check_solver(method: str, rtol: float, atol: float) -> None:
+    """Check a torchdiffeq method name and tolerances.
+
+    Raises:
+        ValueError: for a method not in ``SOLVERS`` or non-positive tolerances.
+    """
     if method not in SOLVERS:
         raise ValueError(f"unknown ODE solver {method!r}; choose one of {', '.join(SOLVERS)}")
     if not (rtol > 0 and atol > 0):
@@ -192,7 +198,7 @@ def odeint_adjoint(func: Dynamics, z0: Tensor, t: Tensor, *, params: Sequence[Te
         raise TypeError(f"func must be callable as func(t, z), got {type(func).__name__}")
     _check_state(z0)
     check_times(t, like=z0)
-    _check_solver(method, rtol, atol)
+    check_solver(method, rtol, atol)
     if params is None:
         if not isinstance(func, nn.Module):
             raise TypeError("func is not an nn.Module: pass its parameters as params=...")
@@ -257,7 +263,7 @@ class ODEBlock(nn.Module):
             raise TypeError(f"func must be an nn.Module f(t, z), got {type(func).__name__}")
         if t1 == 0:
             raise ValueError("t1 must differ from the start time 0")
-        _check_solver(method, rtol, atol)
+        check_solver(method, rtol, atol)
         self.func = func
         self.t1, self.method, self.rtol, self.atol, self.options, self.adjoint = t1, method, rtol, atol, options, adjoint
         self.nfe = 0

@@ -31,7 +31,7 @@ from dgmlib.units import check_levels
 
 __all__ = [
     "reparameterize", "gaussian_log_prob", "standard_normal_log_prob", "kl_normal_standard", "kl_normal",
-    "iwae_bound", "discretized_logistic_log_prob", "active_units", "log_aggregate_posterior",
+    "iwae_bound", "discretized_logistic_log_prob", "log_bin_probability", "active_units", "log_aggregate_posterior",
     "ElboSurgery", "elbo_surgery", "GaussianEncoder", "DecoderNet", "CategoricalDecoder", "DiscretizedLogisticDecoder",
     "BernoulliDecoder", "MaskedConv2d", "AutoregressiveDecoder", "StandardNormalPrior", "MixturePrior", "VampPrior",
     "FlowPrior", "LatentVariableModel", "VAE", "HierarchicalVAE", "build_vae", "vae_metrics", "PRIORS", "DECODERS",
@@ -200,15 +200,37 @@ def discretized_logistic_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, nu
     _check_tensor(mean, "mean")
     _check_tensor(log_scale, "log_scale")
     y = y.to(mean.dtype)
+    return log_bin_probability(y, y - 0.5, y + 0.5, mean, log_scale, num_levels, F.logsigmoid)
+
+
+def log_bin_probability(y: Tensor, lower: Tensor, upper: Tensor, mean: Tensor, log_scale: Tensor,
+                        num_levels: int, log_cdf) -> Tensor:
+    """``log(F(upper) - F(lower))`` for a location-scale CDF ``F(v) = cdf((v - mean) / scale)``, stably.
+
+    The shared core of the discretized decoders (logistic here, Gaussian in ``dgmlib.diffusion``):
+    level 0 takes the whole lower tail and level K-1 the upper one; a bin above the mean is
+    reflected, ``F(u) - F(l) = cdf(-l') - cdf(-u')``, so the CDF values never round to 1, and
+    ``log(cdf(a) - cdf(b)) = log cdf(a) + log(1 - exp(log cdf(b) - log cdf(a)))``.
+
+    Args:
+        y: levels ``(...)`` in {0..K-1} (already checked), float.
+        lower, upper: the bin edges of each level, in the units of ``mean``.
+        mean, log_scale: location and log-scale, broadcastable to ``y``.
+        num_levels: K.
+        log_cdf: the standard log-CDF, e.g. ``F.logsigmoid`` or ``torch.special.log_ndtr``.
+
+    Returns:
+        ``log P(y)`` in nats, the broadcast shape; finite for any finite parameters.
+    """
     inv_scale = torch.exp(-log_scale)
     big = torch.finfo(mean.dtype).max ** 0.25  # a finite stand-in for +-infinity at the edge bins
-    upper = torch.where(y >= num_levels - 1, torch.full_like(y, big), (y + 0.5 - mean) * inv_scale)
-    lower = torch.where(y <= 0, torch.full_like(y, -big), (y - 0.5 - mean) * inv_scale)
+    upper = torch.where(y >= num_levels - 1, torch.full_like(upper, big), (upper - mean) * inv_scale)
+    lower = torch.where(y <= 0, torch.full_like(lower, -big), (lower - mean) * inv_scale)
     above = upper + lower > 0  # the bin lies above the mean: reflect it
     a = torch.where(above, -lower, upper)
     b = torch.where(above, -upper, lower)
-    ls_a, ls_b = F.logsigmoid(a), F.logsigmoid(b)
-    return ls_a + _log1mexp((ls_a - ls_b).clamp_min(torch.finfo(mean.dtype).tiny))
+    log_a, log_b = log_cdf(a), log_cdf(b)
+    return log_a + _log1mexp((log_a - log_b).clamp_min(torch.finfo(mean.dtype).tiny))
 
 
 # --------------------------------------------------------------------------- diagnostics
