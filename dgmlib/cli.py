@@ -125,9 +125,10 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     else:
         report = spec.report(model, data, seed)
     likelihood = {}
-    if "test_nll_nats" in report:
-        likelihood = {"test_nll_nats": report["test_nll_nats"],
-                      "test_bits_per_dim": nats_to_bits_per_dim(report["test_nll_nats"], data.num_dims)}
+    if "test_nll_nats" in report:  # bits/dim only for discrete images; a 2D density stays in nats per point
+        likelihood = {"test_nll_nats": report["test_nll_nats"]}
+        if not toy:
+            likelihood["test_bits_per_dim"] = nats_to_bits_per_dim(report["test_nll_nats"], data.num_dims)
     metrics = {
         "model": name,
         "data": data_name,

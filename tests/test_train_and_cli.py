@@ -132,6 +132,7 @@ def test_cli_trains_ffjord_on_a_toy(tmp_path, toy):
     for key in ("test_nll_nats", "test_nll_se_nats", "nfe_forward", "nfe_backward"):
         assert key in metrics, key
     assert metrics["nfe_forward"] >= 6 and metrics["nfe_backward"] >= 6
+    assert "test_bits_per_dim" not in metrics  # a continuous 2D density: nats per point only
     if toy == "8gaussians":  # the true density is known: entropy and gap
         assert metrics["entropy_gap_nats"] == pytest.approx(metrics["test_nll_nats"] - metrics["true_entropy_nats"])
         assert metrics["true_entropy_nats"] == pytest.approx(1.697, abs=0.01)
