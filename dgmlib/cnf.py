@@ -208,33 +208,31 @@ class CNF(nn.Module):
         self.dim, self.t1, self.method, self.rtol, self.atol = dim, t1, method, rtol, atol
         self.adjoint, self.exact_eval = adjoint, exact_eval
 
-    def _solve(self, state: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def _transport(self, x: Tensor, start: float, end: float) -> tuple[Tensor, Tensor]:
+        """Solve [z, log p] from ``(x, 0)`` at ``start`` to ``end``; return ``(z(end), -Δ log p)``, ``(B, D)`` and ``(B,)``."""
         dyn = self.dynamics
         dyn.exact = self.exact_eval and not self.training
         if not dyn.exact and dyn.trace != "exact":
-            dyn.noise = sample_noise((state.shape[0], self.dim), dyn.trace, generator, state.dtype).to(state.device)
+            dyn.noise = sample_noise((len(x), self.dim), dyn.trace, dtype=x.dtype).to(x.device)
+        state = torch.cat([x, x.new_zeros(len(x), 1)], dim=1)  # (B, D + 1)
+        t = torch.tensor([start, end], dtype=x.dtype, device=x.device)
         kwargs = {"method": self.method, "rtol": self.rtol, "atol": self.atol}
         if self.adjoint and torch.is_grad_enabled():
             params = [p for p in dyn.parameters() if p.requires_grad]
-            return odeint_adjoint(dyn, state, t, params=params, **kwargs)
-        return odeint(dyn, state, t, **kwargs)
-
-    def _times(self, start: float, end: float, like: Tensor, steps: int = 2) -> Tensor:
-        return torch.linspace(start, end, steps, dtype=like.dtype, device=like.device)
+            final = odeint_adjoint(dyn, state, t, params=params, **kwargs)[-1]
+        else:
+            final = odeint(dyn, state, t, **kwargs)[-1]
+        return final[:, :self.dim], -final[:, self.dim]
 
     def forward(self, x: Tensor, t1: float | None = None) -> tuple[Tensor, Tensor]:
         """Data ``x`` at time ``t1`` (default ``self.t1``) to the base: ``(z, log|det ∂z/∂x|)``, ``(B, D)`` and ``(B,)``."""
         check_batch(x, (self.dim,), "x")
-        state = torch.cat([x, x.new_zeros(len(x), 1)], dim=1)  # (B, D + 1)
-        end = self._solve(state, self._times(self.t1 if t1 is None else t1, 0.0, x))[-1]
-        return end[:, :self.dim], -end[:, self.dim]
+        return self._transport(x, self.t1 if t1 is None else t1, 0.0)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Base ``z`` to data at t1: ``(x, log|det ∂x/∂z|)``, ``(B, D)`` and ``(B,)``."""
         check_batch(z, (self.dim,), "z")
-        state = torch.cat([z, z.new_zeros(len(z), 1)], dim=1)
-        end = self._solve(state, self._times(0.0, self.t1, z))[-1]
-        return end[:, :self.dim], -end[:, self.dim]
+        return self._transport(z, 0.0, self.t1)
 
     def base_log_prob(self, z: Tensor) -> Tensor:
         """log N(z; 0, I) in nats, ``(B,)``."""

@@ -424,7 +424,7 @@ class DDPM(nn.Module):
     def _prior_draw(self, n: int, generator: torch.Generator | None) -> Tensor:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        dtype = next(self.net.parameters()).dtype if any(True for _ in self.net.parameters()) else torch.float32
+        dtype = next(self.net.parameters(), torch.empty(0)).dtype
         return torch.randn((n, *self.event_shape), generator=generator, dtype=dtype)
 
     @torch.no_grad()
