@@ -1,4 +1,8 @@
-"""The ``dgm`` command line: ``dgm list`` and ``dgm train MODEL``."""
+"""The ``dgm`` command line: ``dgm list``, ``dgm train MODEL``, ``dgm results`` and ``dgm grade``.
+
+Everything particular to a model comes from its entry in ``dgmlib.models.MODELS``: its options,
+the data it trains on, its training settings, test metrics and figures. This file has no per-model code.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,35 @@ import os
 import sys
 from pathlib import Path
 
-from dgmlib.data import TOY_NAMES
+from dgmlib.data import IMAGE_NAMES, TOY_NAMES
+
+_DATA_CHOICES = {"images": IMAGE_NAMES, "toy2d": TOY_NAMES}
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """``dgm train MODEL``: one sub-command per registered model, with that model's options."""
+    from dgmlib.models import MODELS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default=None, help="output folder (default: runs/MODEL[_OPTIONS][_DATA], without _DATA for digits)")
+    common.add_argument("--epochs", type=int, default=None, help="override the model's default epochs")
+    common.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    common.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N, mps (default: $DGM_DEVICE, else CUDA, then MPS, else the CPU)")
+    common.add_argument("--fast", action="store_true", help="fast mode, same as DGM_FAST=1")
+    common.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tr = sub.add_parser("train", help="train a model, then write metrics.json, samples.png, curves.png and model.pt",
+                        description="Train a registered model; `dgm train MODEL --help` lists its options.")
+    models = tr.add_subparsers(dest="model", required=True, metavar="MODEL")
+    for name, spec in MODELS.items():
+        p = models.add_parser(name, parents=[common], help=spec.description, description=spec.description)
+        choices = [c for kind in spec.data for c in _DATA_CHOICES[kind]]
+        default = "digits" if spec.data[0] == "images" else spec.default_toy
+        p.add_argument("--data", default=default, choices=choices, metavar="DATA",
+                       help=f"one of {', '.join(choices)} (default: {default}); mnist needs torchvision and a network")
+        for key, opt in spec.options.items():
+            p.add_argument(f"--{key}", default=None, choices=opt.choices,
+                           help=f"{opt.help} (default: {opt.default})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,18 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dgm", description="Deep Generative Models course tools")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the models that `dgm train` knows")
-    tr = sub.add_parser("train", help="train a model, then write metrics.json, samples.png and model.pt")
-    tr.add_argument("model", help="model name (see `dgm list`)")
-    tr.add_argument("--data", default=None, choices=["digits", "mnist", *TOY_NAMES],
-                    help="dataset: digits or mnist for image models, a 2D toy for ffjord and ddpm "
-                         "(default: digits, or 8gaussians for ffjord)")
-    tr.add_argument("--out", default=None, help="output folder (default: runs/MODEL)")
-    tr.add_argument("--epochs", type=int, default=None, help="override the model's default epochs")
-    tr.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    tr.add_argument("--fast", action="store_true", help="fast mode, same as DGM_FAST=1")
-    tr.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    tr.add_argument("--prior", default=None, help="VAE prior: standard, mog, vamp or flow (default: standard)")
-    tr.add_argument("--decoder", default=None, help="VAE decoder: categorical or dlogistic (default: categorical)")
+    _train_parser(sub)
+    res = sub.add_parser("results", help="gather every metrics.json under a folder into one table and a figure")
+    res.add_argument("runs", nargs="?", default="runs", help="folder searched for metrics.json (default: runs)")
+    res.add_argument("--figure", default=None, help="where to save the figure (default: RUNS/results.png)")
     gr = sub.add_parser("grade", help="autograde every submission of an assignment (sandboxed, in parallel)")
     gr.add_argument("assignment", help="assignment name, e.g. hw2_flows")
     gr.add_argument("--course", default=".", help="nbgrader course root (default: .)")
@@ -47,6 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in MODELS.items():
             print(f"{name:<{width}}  {spec.description}")
         return 0
+    if args.command == "results":
+        from dgmlib.results import collect, markdown_table, results_figure
+
+        runs = Path(args.runs)
+        rows = collect(runs)
+        if not rows:
+            parser.error(f"no metrics.json under {runs}")
+        print(markdown_table(rows))
+        figure = Path(args.figure) if args.figure else runs / "results.png"
+        results_figure(rows).savefig(figure, dpi=120, bbox_inches="tight")
+        print(f"\nfigure: {figure}")
+        return 0
     if args.command == "grade":
         from dgmlib.grading.classroom import format_report, grade_assignment
 
@@ -57,40 +93,39 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(args.assignment, results), end="")
         print(f"grades: {Path(args.course) / 'grades.csv'}; report: {Path(args.course) / 'reports' / args.assignment}.txt")
         return 0
-    if args.model not in MODELS:
-        parser.error(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
     spec = MODELS[args.model]
-    if args.data is None:
-        args.data = "digits" if spec.data[0] == "images" else "8gaussians"
-    if ("toy2d" if args.data in TOY_NAMES else "images") not in spec.data:
-        kinds = {"images": "digits or mnist", "toy2d": "a 2D toy (" + ", ".join(TOY_NAMES) + ")"}
-        parser.error(f"{args.model} trains on {' or '.join(kinds[k] for k in spec.data)}, not {args.data!r}")
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be positive")
-    options = {k: v for k, v in (("prior", args.prior), ("decoder", args.decoder)) if v is not None}
-    try:
-        MODELS[args.model].check_options(options)
-    except ValueError as err:
-        parser.error(f"{args.model}: {err}")
+    if args.device is not None:
+        from dgmlib.device import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except (TypeError, ValueError) as err:
+            parser.error(f"--device: {err}")
+    given = {key: getattr(args, key) for key in spec.options if getattr(args, key) is not None}
     if args.fast:
         os.environ["DGM_FAST"] = "1"
-    default_out = "_".join([args.model, *options.values(), *([args.data] if args.data in TOY_NAMES else [])])
-    metrics = train_model(args.model, args.data, Path(args.out or f"runs/{default_out}"),
-                          epochs=args.epochs, seed=args.seed, progress=not args.no_progress, **options)
+    default_out = "_".join([args.model, *given.values(), *([args.data] if args.data != "digits" else [])])
+    metrics = train_model(args.model, args.data, Path(args.out or f"runs/{default_out}"), epochs=args.epochs,
+                          seed=args.seed, progress=not args.no_progress, device=args.device, **given)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def train_model(name: str, data_name: str, out: Path, epochs: int | None = None, seed: int = 0,
-                progress: bool = True, **options: str) -> dict:
-    """Train registered model ``name`` on ``data_name``; write ``out/{metrics.json,samples.png,
-    curves.png,model.pt}`` and return the metrics (test NLL in nats/image and bits/dim, or in nats
-    per point for the 2D toys).
+                progress: bool = True, device: str | None = None, **options: str) -> dict:
+    """Train registered model ``name`` on ``data_name``; write ``out/{metrics.json, samples.png,
+    curves.png, model.pt}`` and return the metrics.
 
-    ``options`` go to the model's builder (e.g. ``prior="flow"`` for the VAE).
+    The test NLL is in nats per image and bits/dim for discrete images, or in nats per point for the
+    2D toys; ``nll_method`` and ``likelihood`` say which bound or estimate it is. Training, the test
+    metrics and the figures run on ``device`` (default ``dgmlib.device.default_device()``).
+    ``options`` go to the model's builder (e.g. ``prior="flow"`` for the VAE); the others take
+    their defaults.
 
     Raises:
-        KeyError: for an unknown model name. ValueError: for an unknown dataset or option.
+        KeyError: for an unknown model name. ValueError: for an unknown dataset, device or option.
     """
     import matplotlib
 
@@ -98,50 +133,51 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     import torch
 
     from dgmlib import plots
-    from dgmlib.config import fast_mode, pick
-    from dgmlib.data import load_image_data, load_toy_data
-    from dgmlib.diffusion import DDPM
+    from dgmlib.config import fast_mode
+    from dgmlib.data import data_kind, load_data
+    from dgmlib.device import resolve_device
     from dgmlib.models import MODELS
-    from dgmlib.train import evaluate, fit, save_checkpoint
+    from dgmlib.train import fit, save_checkpoint
     from dgmlib.units import nats_to_bits_per_dim
 
     spec = MODELS[name]
-    spec.check_options(options)
-    torch.manual_seed(seed)
-    toy = data_name in TOY_NAMES
-    if ("toy2d" if toy else "images") not in spec.data:
+    options = spec.resolve_options(options)
+    kind = data_kind(data_name)
+    if ("toy2d" if kind == "toy2d" else "images") not in spec.data:
         raise ValueError(f"{name} cannot train on {data_name!r}")
-    data = load_toy_data(data_name) if toy else load_image_data(data_name)
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    data = load_data(data_name)
     model = spec.build(data, **options)
-    settings = spec.train_settings(toy)
+    settings = spec.train_settings(kind)
     if epochs is not None:
         settings["epochs"] = epochs
-    loss_fn = getattr(model, "training_loss", None)  # DDPM trains on L_simple, the others on their NLL
-    history = fit(model, data.train, data.val, loss_fn=loss_fn, seed=seed, progress=progress, **settings)
-    if spec.report is None:
-        report = {"test_nll_nats": evaluate(model, data.test, num_samples=4, seed=seed),
-                  "likelihood": "uniform-dequantization bound on -log P(y): E_u[-log p((y+u)/K)] + D log K, "
-                                "4 noise draws per test image"}
-    else:
-        report = spec.report(model, data, seed)
+    loss_fn = spec.loss(model) if spec.loss is not None else None
+    history = fit(model, data.train, data.val, loss_fn=loss_fn, seed=seed, progress=progress, device=device,
+                  **settings)
+    model.to(device)
+    on_device = data.to(device)
+    report = spec.report(model, on_device, seed)
     likelihood = {}
-    if "test_nll_nats" in report:  # bits/dim only for discrete images; a 2D density stays in nats per point
+    if "test_nll_nats" in report:
         likelihood = {"test_nll_nats": report["test_nll_nats"]}
-        if not toy:
+        if data.num_levels is not None:  # bits/dim only for discrete images; a 2D density stays in nats per point
             likelihood["test_bits_per_dim"] = nats_to_bits_per_dim(report["test_nll_nats"], data.num_dims)
     metrics = {
         "model": name,
         "data": data_name,
+        "options": options,
         **options,
         **likelihood,
-        ("val_loss" if loss_fn is not None else "val_nll_nats"): min(history.val_loss),
+        ("val_loss" if spec.loss is not None else "val_nll_nats"): min(history.val_loss),
         **report,
-        "num_levels": None if toy else data.num_levels,
+        "num_levels": data.num_levels,
         "num_dims": data.num_dims,
         "train_seconds": history.seconds,
         "epochs_run": len(history.train_loss),
         "best_epoch": history.best_epoch,
         "num_params": sum(p.numel() for p in model.parameters()),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "fast_mode": fast_mode(),
         "seed": seed,
         "torch_threads": torch.get_num_threads(),
@@ -149,23 +185,11 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_checkpoint(out / "model.pt", model, name=name, data=data_name, options=options, metrics=metrics)
-    if toy and hasattr(model, "log_prob"):
-        samples = model.sample(2000, generator=torch.Generator().manual_seed(seed))
-        model.eval()
-        plots.density_2d(model.log_prob, samples[:500], resolution=pick(120, 40),
-                         title=f"{name} on {data_name}: density and samples").savefig(out / "samples.png", dpi=120)
-    elif toy:
-        samples = model.sample(2000, generator=torch.Generator().manual_seed(seed))
-        plots.samples_2d(samples, data.test[:2000], title=f"{name} on {data_name}: samples (blue), test data (grey)"
-                         ).savefig(out / "samples.png", dpi=120)
-    else:
-        samples = model.sample(64, generator=torch.Generator().manual_seed(seed))
-        if isinstance(model, DDPM):  # a DDPM samples in [-1, 1]
-            samples = (samples + 1) / 2
-        plots.image_grid(samples.clamp(0, 1), nrow=8, vmax=1.0,
-                         title=" ".join([name, *options.values(), f"samples ({data_name})"])).savefig(out / "samples.png", dpi=120)
-    ylabel = ("L_simple (mean squared error of ε)" if loss_fn is not None
-              else "NLL (nats / point)" if toy else "NLL bound (nats / image)")
+    title = " ".join([name, *(f"{k}={v}" for k, v in options.items()), f"({data_name})"])
+    for figure_name, figure in spec.figures(model, on_device, seed, title).items():
+        figure.savefig(out / f"{figure_name}.png", dpi=120, bbox_inches="tight")
+    unit = "image" if data.num_levels is not None else "point"
+    ylabel = spec.loss_label or f"NLL (nats / {unit})" + (", a bound" if data.num_levels is not None else "")
     plots.training_curves(history, title=name, ylabel=ylabel).savefig(out / "curves.png", dpi=120, bbox_inches="tight")
     return metrics
 

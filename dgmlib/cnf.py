@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
+from dgmlib.device import DeviceLike, module_device, module_dtype, randint, randn
 from dgmlib.flows import check_batch
 from dgmlib.ode import ConcatMLP, check_solver, odeint_adjoint
 
@@ -38,20 +39,25 @@ TRACES = ("exact", "rademacher", "gaussian")
 
 
 def sample_noise(shape: tuple[int, ...], kind: str = "rademacher", generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32) -> Tensor:
+                 dtype: torch.dtype = torch.float32, device: DeviceLike | None = None) -> Tensor:
     """Noise ε with E[ε] = 0 and Cov(ε) = I for Hutchinson's estimator, of the given ``shape``.
 
     ``kind="rademacher"``: ±1 with probability 1/2 each; ``"gaussian"``: N(0, I). With S = (A + Aᵀ)/2,
     Rademacher noise has the smaller variance, Var[εᵀAε] = 2 Σ_{i≠j} S_ij², against 2 ||S||_F² for
     Gaussian noise (Hutchinson 1990; Grathwohl et al. 2019, Sec. 3.1).
 
+    The noise lands on ``device`` (default: the generator's device, else the CPU); a seeded
+    generator gives the same numbers on every device (``dgmlib.device.randn``).
+
     Raises:
         ValueError: for an unknown ``kind``.
     """
+    if device is None:
+        device = "cpu" if generator is None else generator.device
     if kind == "rademacher":
-        return torch.randint(0, 2, shape, generator=generator).to(dtype) * 2 - 1
+        return randint(0, 2, shape, device=device, generator=generator).to(dtype) * 2 - 1
     if kind == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=dtype)
+        return randn(shape, device=device, dtype=dtype, generator=generator)
     raise ValueError(f"noise kind must be 'rademacher' or 'gaussian', got {kind!r}")
 
 
@@ -213,7 +219,7 @@ class CNF(nn.Module):
         dyn = self.dynamics
         dyn.exact = self.exact_eval and not self.training
         if not dyn.exact and dyn.trace != "exact":
-            dyn.noise = sample_noise((len(x), self.dim), dyn.trace, dtype=x.dtype).to(x.device)
+            dyn.noise = sample_noise((len(x), self.dim), dyn.trace, dtype=x.dtype, device=x.device)
         state = torch.cat([x, x.new_zeros(len(x), 1)], dim=1)  # (B, D + 1)
         t = torch.tensor([start, end], dtype=x.dtype, device=x.device)
         kwargs = {"method": self.method, "rtol": self.rtol, "atol": self.atol}
@@ -252,8 +258,7 @@ class CNF(nn.Module):
         """``n`` samples ``(n, D)``: z ~ N(0, I), then the ODE from 0 to t1."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        dtype = next(self.parameters()).dtype
-        z = torch.randn(n, self.dim, generator=generator, dtype=dtype)
+        z = randn((n, self.dim), device=module_device(self), dtype=module_dtype(self), generator=generator)
         was = self.training
         self.eval()
         x, _ = self.inverse(z)
@@ -264,7 +269,7 @@ class CNF(nn.Module):
     def trajectory(self, z: Tensor, times: Tensor) -> Tensor:
         """The path of base points ``z`` ``(B, D)`` at ``times`` ``(T,)`` in [0, t1]: ``(T, B, D)``."""
         check_batch(z, (self.dim,), "z")
-        return odeint(self.dynamics.velocity, z, times.to(z.dtype), method=self.method, rtol=self.rtol,
+        return odeint(self.dynamics.velocity, z, times.to(device=z.device, dtype=z.dtype), method=self.method, rtol=self.rtol,
                       atol=self.atol)
 
     def count_nfe(self, x: Tensor) -> tuple[int, int]:

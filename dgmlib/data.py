@@ -8,7 +8,7 @@ then 1000 train / 350 validation / 447 test images, the sizes used by Tomczak's 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ DIGITS_SHAPE = (1, 8, 8)
 DIGITS_SPLIT = {"train": (0, 1000), "val": (1000, 1350), "test": (1350, 1797)}
 DIGITS_SEED = 0
 
+IMAGE_NAMES = ("digits", "mnist")
 TOY_NAMES = ("8gaussians", "checkerboard", "2spirals", "moons", "pinwheel", "swissroll")
 TOY_DENSITIES = ("8gaussians", "checkerboard")
 """The toys whose true density ``toy_log_prob`` knows in closed form."""
@@ -51,6 +52,10 @@ class ImageData:
     def num_dims(self) -> int:
         """Dimensions per image ``D = C * H * W`` (the denominator of bits/dim)."""
         return math.prod(self.shape)
+
+    def to(self, device: str | torch.device) -> ImageData:
+        """The same splits on ``device`` (e.g. for test metrics computed where the model is)."""
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
 
 def load_digits(split: str = "train", flat: bool = False) -> Tensor:
@@ -152,7 +157,7 @@ def toy_2d(name: str, n: int = 1000, seed: int = 0) -> Tensor:
     elif name == "checkerboard":
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) + rng.integers(0, 2, n) * 2 - 2 + np.floor(x1) % 2
-        x = 2.0 * np.stack([x1, x2], axis=1)
+        x = _float32_in_cells(2.0 * np.stack([x1, x2], axis=1), cell=2.0)
     elif name == "2spirals":
         t = np.sqrt(rng.uniform(0, 1, n)) * 3 * np.pi  # angle, denser near the centre
         sign = rng.integers(0, 2, n) * 2 - 1  # which arm
@@ -179,6 +184,19 @@ def toy_2d(name: str, n: int = 1000, seed: int = 0) -> Tensor:
     return torch.from_numpy(np.asarray(x, dtype=np.float32))
 
 
+def _float32_in_cells(x: np.ndarray, cell: float) -> np.ndarray:
+    """Round float64 points to float32 without leaving their half-open cells ``[k c, (k + 1) c)``.
+
+    A value just below a cell edge can round up onto the edge, which belongs to the next cell
+    (for the checkerboard, a square of the other colour, where the density is 0). Such values
+    step down to the largest float32 below the edge.
+    """
+    x32 = x.astype(np.float32)
+    crossed = np.floor(x32 / cell) != np.floor(x / cell)
+    x32[crossed] = np.nextafter(x32[crossed], np.float32(-np.inf))
+    return x32
+
+
 @dataclass(frozen=True)
 class ToyData:
     """Train/val/test samples ``(N, 2)`` of a 2D toy density (``load_toy_data``)."""
@@ -192,6 +210,37 @@ class ToyData:
     def num_dims(self) -> int:
         """2."""
         return self.train.shape[1]
+
+    @property
+    def num_levels(self) -> None:
+        """None: the toys are continuous, so no bits/dim (``ImageData.num_levels`` is the discrete K)."""
+        return None
+
+    def to(self, device: str | torch.device) -> ToyData:
+        """The same splits on ``device``."""
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+
+def data_kind(name: str) -> str:
+    """``"toy2d"`` for a 2D toy, else the image dataset's own name (``"digits"`` or ``"mnist"``).
+
+    Raises:
+        ValueError: for an unknown dataset name.
+    """
+    if name in TOY_NAMES:
+        return "toy2d"
+    if name in IMAGE_NAMES:
+        return name
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join((*IMAGE_NAMES, *TOY_NAMES))}")
+
+
+def load_data(name: str) -> ImageData | ToyData:
+    """Load any dataset of the course by name: ``load_image_data`` for images, ``load_toy_data`` for toys.
+
+    Raises:
+        ValueError: for an unknown name. ImportError: for MNIST without torchvision.
+    """
+    return load_toy_data(name) if data_kind(name) == "toy2d" else load_image_data(name)
 
 
 def load_toy_data(name: str) -> ToyData:

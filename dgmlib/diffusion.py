@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dgmlib.device import module_device, module_dtype, randn, value_checks
 from dgmlib.units import check_levels
 from dgmlib.vae import log_bin_probability
 
@@ -41,7 +42,13 @@ __all__ = [
 PREDICTIONS = ("eps", "x0")
 """What the network predicts: the noise ε (the slides, Algorithm 1) or the clean data x_0."""
 VARIANCES = ("beta", "beta_tilde")
-"""The reverse-process variance σ_t² of Algorithm 2: β_t (upper bound) or β̃_t (lower bound)."""
+"""The reverse-process variance σ_t² of Algorithm 2: β_t or β̃_t.
+
+Ho et al. (Sec. 3.2) call them the two extremes: σ_t² = β_t is optimal for x_0 ~ N(0, I), and
+σ_t² = β̃_t for x_0 deterministically set to one point; they correspond to upper and lower bounds on
+the reverse-process entropy for data with coordinatewise unit variance. They are not equivalent: for
+N(0, 1) data with T = 1000, β̃_t costs about 0.47 nats per dimension more in the bound (a test
+checks it). On images both gave similar samples in the paper."""
 
 
 class NoiseSchedule:
@@ -73,6 +80,7 @@ class NoiseSchedule:
         self.posterior_log_variance_clipped = torch.log(clipped)
         self.posterior_mean_coef1 = betas * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
         self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
+        self._cast: dict[tuple, tuple[Tensor, Tensor]] = {}  # (array, device, dtype) -> (array, cast copy), for at()
 
     @property
     def T(self) -> int:  # noqa: N802 - the paper's name
@@ -116,14 +124,17 @@ class NoiseSchedule:
                             f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
         if t.dim() != 1 or (batch is not None and len(t) != batch):
             raise ValueError(f"t must have shape ({'B' if batch is None else batch},), got {tuple(t.shape)}")
-        if len(t) and (t.min() < 1 or t.max() > self.T):
+        if value_checks(t) and len(t) and (t.min() < 1 or t.max() > self.T):
             raise ValueError(f"timesteps run from 1 to T = {self.T} (t = 0 is the data), "
                              f"got values in [{int(t.min())}, {int(t.max())}]")
 
     def at(self, values: Tensor, t: Tensor, like: Tensor) -> Tensor:
         """``values[t - 1]`` cast to ``like``'s dtype, shaped ``(B, 1, ..., 1)`` to broadcast against ``like``."""
-        out = values.to(like.device)[t - 1].to(like.dtype)
-        return out.reshape(-1, *([1] * (like.dim() - 1)))
+        key = (id(values), like.device, like.dtype)
+        if key not in self._cast or self._cast[key][0] is not values:
+            # Cast at use (float64 -> like's dtype, on the CPU), then moved once per device and dtype.
+            self._cast[key] = (values, values.to(like.dtype).to(like.device))
+        return self._cast[key][1][t - 1].reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _check_x(x: Tensor, name: str) -> None:
@@ -132,7 +143,7 @@ def _check_x(x: Tensor, name: str) -> None:
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__} (scale levels with levels_to_unit)")
     if x.dim() < 2:
         raise ValueError(f"{name} must be a batch (B, ...), got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if value_checks(x) and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -165,7 +176,7 @@ def q_sample(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor | Non
     """
     mean, var = q_mean_variance(schedule, x0, t)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        noise = randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     elif noise.shape != x0.shape:
         raise ValueError(f"noise must be shaped like x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
     return mean + var.sqrt() * noise
@@ -239,7 +250,7 @@ def discretized_gaussian_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, nu
         TypeError/ValueError: for invalid levels or non-finite parameters.
     """
     check_levels(y, num_levels)
-    if not (torch.isfinite(mean).all() and torch.isfinite(log_scale).all()):
+    if value_checks(mean) and not (torch.isfinite(mean).all() and torch.isfinite(log_scale).all()):
         raise ValueError("mean and log_scale must be finite")
     half = 1.0 / (num_levels - 1)
     centre = levels_to_unit(y, num_levels).to(mean.dtype)
@@ -419,13 +430,13 @@ class DDPM(nn.Module):
         mean, var, _ = self.p_mean_variance(x_t, tt, variance)
         if t == 1:
             return mean
-        return mean + var.sqrt() * torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype).to(x_t.device)
+        return mean + var.sqrt() * randn(x_t.shape, device=x_t.device, dtype=x_t.dtype, generator=generator)
 
     def _prior_draw(self, n: int, generator: torch.Generator | None) -> Tensor:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
-        dtype = next(self.net.parameters(), torch.empty(0)).dtype
-        return torch.randn((n, *self.event_shape), generator=generator, dtype=dtype)
+        return randn((n, *self.event_shape), device=module_device(self.net), dtype=module_dtype(self.net),
+                     generator=generator)
 
     @torch.no_grad()
     def sample(self, n: int, variance: str = "beta", generator: torch.Generator | None = None,
@@ -460,10 +471,11 @@ class DDPM(nn.Module):
             raise ValueError(f"steps must be an integer in 1..T = {self.schedule.T}, got {steps!r}")
         if eta < 0:
             raise ValueError(f"eta must be non-negative, got {eta}")
-        taus = torch.linspace(1, self.schedule.T, steps, dtype=torch.float64).round().long().unique()
+        # From T down to 1, so that one step starts at T as it must (linspace(1, T, 1) would be [1]).
+        taus = torch.linspace(self.schedule.T, 1, steps, dtype=torch.float64).round().long().unique()
         x = self._prior_draw(n, generator)
         for i in range(len(taus) - 1, -1, -1):
-            t = torch.full((n,), int(taus[i]), dtype=torch.long)
+            t = torch.full((n,), int(taus[i]), dtype=torch.long, device=x.device)
             eps, x0_hat = self.predict_eps_x0(x, t)
             if self.num_levels is not None:
                 x0_hat = x0_hat.clamp(-1, 1)
@@ -474,7 +486,7 @@ class DDPM(nn.Module):
             sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
             x = ab_prev.sqrt() * x0_hat + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps
             if eta > 0 and i > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                x = x + sigma * randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         return x
 
     # ------------------------------------------------------------------ the bound
@@ -495,18 +507,18 @@ class DDPM(nn.Module):
             raise ValueError("the bound needs discrete data: build the DDPM with num_levels")
         x0 = self.to_unit(y)
         B, T, dims = len(x0), self.schedule.T, tuple(range(1, x0.dim()))
-        m, v = q_mean_variance(self.schedule, x0, torch.full((B,), T, dtype=torch.long))
+        m, v = q_mean_variance(self.schedule, x0, torch.full((B,), T, dtype=torch.long, device=x0.device))
         prior = normal_kl(m, v.log().expand_as(m), torch.zeros_like(m), torch.zeros_like(m)).sum(dims)
         diffusion = x0.new_zeros(B, T - 1)
         for t in range(2, T + 1):
-            tt = torch.full((B,), t, dtype=torch.long)
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+            tt = torch.full((B,), t, dtype=torch.long, device=x0.device)
+            noise = randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
             x_t = q_sample(self.schedule, x0, tt, noise)
             true_mean, _, true_log_var = q_posterior_mean_variance(self.schedule, x0, x_t, tt)
             mean, var, _ = self.p_mean_variance(x_t, tt, "beta_tilde", clip=False)
             diffusion[:, t - 2] = normal_kl(true_mean, true_log_var.expand_as(x0), mean, var.log().expand_as(x0)).sum(dims)
-        t1 = torch.ones(B, dtype=torch.long)
-        x_1 = q_sample(self.schedule, x0, t1, torch.randn(x0.shape, generator=generator, dtype=x0.dtype))
+        t1 = torch.ones(B, dtype=torch.long, device=x0.device)
+        x_1 = q_sample(self.schedule, x0, t1, randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator))
         mean, _, _ = self.p_mean_variance(x_1, t1, "beta", clip=False)
         log_scale = 0.5 * self.schedule.at(self.schedule.betas, t1, x0).log().expand_as(x0)
         decoder = -discretized_gaussian_log_prob(y, mean, log_scale, self.num_levels).sum(dims)
@@ -531,6 +543,6 @@ def sliced_wasserstein(x: Tensor, y: Tensor, num_projections: int = 512, seed: i
         raise ValueError(f"x and y must both be (N, D) with N >= 2, got {tuple(x.shape)} and {tuple(y.shape)}")
     theta = torch.randn(x.shape[1], num_projections, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
-    px, _ = (x.double() @ theta).sort(dim=0)
-    py, _ = (y.double() @ theta).sort(dim=0)
+    px, _ = (x.detach().cpu().double() @ theta).sort(dim=0)  # a metric on samples: float64 on the CPU
+    py, _ = (y.detach().cpu().double() @ theta).sort(dim=0)
     return (px - py).pow(2).mean().sqrt().item()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dgmlib.device import module_device, module_dtype, randn, value_checks
 from dgmlib.units import dequantized_nll
 
 __all__ = [
@@ -47,7 +48,7 @@ def check_batch(x: Tensor, event_shape: Sequence[int], name: str = "input") -> N
     if x.dim() != len(event_shape) + 1 or tuple(x.shape[1:]) != event_shape:
         raise ValueError(f"{name} must have shape (B, {', '.join(map(str, event_shape))}), "
                          f"got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if value_checks(x) and not torch.isfinite(x).all():  # values are read only where that is cheap and possible
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -112,7 +113,8 @@ class Compose(Bijection):
 class Planar(Bijection):
     """Planar flow ``z = x + u_hat * tanh(w^T x + b)`` on vectors of shape ``(B, D)``.
 
-    ``log|det dz/dx| = log|1 + u_hat^T w tanh'(w^T x + b)|`` (matrix determinant lemma).
+    ``log|det dz/dx| = log|1 + u_hat^T w tanh'(w^T x + b)|`` (matrix determinant lemma), computed
+    without cancellation as ``log(tanh^2 + tanh' softplus(w^T u))`` since ``w^T u_hat = softplus(w^T u) - 1``.
     Invertibility needs ``w^T u_hat >= -1``; the raw parameter ``u`` is projected to
     ``u_hat = u + (m(w^T u) - w^T u) w / |w|^2`` with ``m(a) = -1 + softplus(a)`` so it always
     holds (Rezende & Mohamed 2015, Eq. 10-12 and App. A.1). There is no closed-form inverse,
@@ -140,8 +142,18 @@ class Planar(Bijection):
         u_hat = self.u_hat()
         a = x @ self.w + self.b  # (B,)
         z = x + torch.tanh(a)[:, None] * u_hat  # (B, D)
-        psi_u = (1 - torch.tanh(a) ** 2) * (self.w @ u_hat)  # (B,)
-        return z, torch.log(torch.abs(1 + psi_u))
+        return z, self._log_det(a)
+
+    def _log_det(self, a: Tensor) -> Tensor:
+        """``log(1 + h'(a) w^T u_hat)`` without cancellation, shape ``(B,)``.
+
+        ``w^T u_hat = softplus(w^T u) - 1`` exactly, so with ``h' = 1 - tanh^2`` the argument is
+        ``tanh(a)^2 + h'(a) softplus(w^T u)``: a sum of two non-negative terms. Computing
+        ``1 + h' (w^T u_hat)`` instead loses everything once ``w^T u_hat`` rounds to -1 (float32,
+        ``w^T u`` below about -17) and gives -inf.
+        """
+        tanh2 = torch.tanh(a) ** 2
+        return torch.log(tanh2 + (1 - tanh2) * F.softplus(self.w @ self.u))
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Invert by bisection on ``a = w^T x + b``; return ``x`` ``(B, D)`` and ``log|det dx/dz|`` ``(B,)``."""
@@ -162,8 +174,7 @@ class Planar(Bijection):
         # the exact derivatives da/dr = 1/g'(a), da/dc = -tanh(a)/g'(a) (implicit function theorem).
         a = a0 - (a0 + c * torch.tanh(a0) - r) / (1 + c * (1 - torch.tanh(a0) ** 2))
         x = z - torch.tanh(a)[:, None] * u_hat
-        psi_u = (1 - torch.tanh(a) ** 2) * (self.w @ u_hat)
-        return x, -torch.log(torch.abs(1 + psi_u))
+        return x, -self._log_det(a)
 
 
 class AdditiveCoupling(Bijection):
@@ -333,7 +344,7 @@ class Logit(Bijection):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Map ``x`` in [0, 1] to logit space; return ``(z, log_det)``."""
         check_batch(x, self.event_shape)
-        if x.min() < 0 or x.max() > 1:
+        if value_checks(x) and (x.min() < 0 or x.max() > 1):
             raise ValueError("Logit expects data in [0, 1]; dequantize and divide by the number of levels first")
         p = self.alpha + (1 - 2 * self.alpha) * x
         z = torch.log(p) - torch.log1p(-p)
@@ -471,8 +482,7 @@ class Flow(nn.Module):
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be non-negative, got {temperature}")
-        device = next(self.parameters(), torch.empty(0)).device
-        eps = torch.randn((n, *self.event_shape), generator=generator).to(device)
+        eps = randn((n, *self.event_shape), device=module_device(self), dtype=module_dtype(self), generator=generator)
         return self.decode(temperature * eps)
 
 

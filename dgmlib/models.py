@@ -1,63 +1,119 @@
-"""The registry of trainable models: what ``dgm train NAME`` and ``dgm list`` know.
+"""The registry of trainable models: everything ``dgm train NAME``, ``dgm list`` and ``dgm results`` know.
 
-Each topic adds its models to ``MODELS``. An image model (``"images"`` in ``data``) has
-``nll(y) -> (B,)`` (nats per image, for integer levels ``y``) and ``sample(n) -> (n, C, H, W)`` in
-[0, 1] (a DDPM samples in [-1, 1]; the CLI rescales). A 2D model (``"toy2d"``) has ``sample(n) -> (n, 2)``
-and, if it is a density model, ``nll(x)`` and ``log_prob`` in nats per point. The training loss is
-``training_loss(batch)`` where a model defines it (DDPM's L_simple), otherwise ``nll``.
+Each topic adds its models to ``MODELS``. An entry (``ModelSpec``) holds all that is particular to
+one model: how to build it for a dataset, its options, its training settings and loss, its test
+metrics and its figures. ``dgmlib.cli`` has no per-model code.
+
+An image model (``"images"`` in ``data``) has ``nll(y) -> (B,)`` (nats per image, for integer levels
+``y``) and ``sample(n) -> (n, C, H, W)``. A 2D model (``"toy2d"``) has ``sample(n) -> (n, 2)`` and, if
+it is a density model, ``nll(x)`` and ``log_prob`` in nats per point.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch import nn
-
-import math
-import time
-
 import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
 
-from dgmlib import cnf, diffusion, flows, vae
+from dgmlib import cnf, diffusion, flows, plots, vae
 from dgmlib.config import pick
 from dgmlib.data import TOY_DENSITIES, ImageData, ToyData, toy_entropy
+from dgmlib.device import module_device
+from dgmlib.train import evaluate
+
+Data = ImageData | ToyData
+MAX_TEST_IMAGES = 1000
+"""Expensive test metrics (IWAE with k = 1000, the DDPM's T-term bound, ELBO surgery) use at most this
+many images: all 447 test digits, the first 1000 of MNIST's 10000."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One builder option of a model, e.g. ``dgm train vae --prior flow``.
+
+    Attributes:
+        choices: the allowed values; default: the value used when the option is not given; help: one line.
+    """
+
+    choices: tuple[str, ...]
+    default: str
+    help: str = ""
+
+
+def _image_samples(model: nn.Module, data: Data, seed: int, title: str,
+                   to_unit: Callable[[Tensor], Tensor] | None = None) -> dict[str, Figure]:
+    """``samples.png``: 64 samples on a grid (images in [0, 1], or mapped there by ``to_unit``), or
+    2000 samples over the test points of a 2D toy."""
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(data, ToyData):
+        samples = model.sample(2000, generator=g)
+        return {"samples": plots.samples_2d(samples, data.test[:2000],
+                                            title=f"{title}: samples (blue), test data (grey)")}
+    samples = model.sample(64, generator=g)
+    if to_unit is not None:
+        samples = to_unit(samples)
+    return {"samples": plots.image_grid(samples.clamp(0, 1), nrow=8, vmax=1.0, title=f"{title}: samples")}
+
+
+def _density_samples(model: nn.Module, data: Data, seed: int, title: str) -> dict[str, Figure]:
+    """``samples.png`` of a 2D density model: the learned density with 500 samples on top."""
+    samples = model.sample(2000, generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    device = module_device(model)
+    fig = plots.density_2d(lambda x: model.log_prob(x.to(device)).cpu(), samples[:500], resolution=pick(120, 40),
+                           title=f"{title}: density and samples")
+    return {"samples": fig}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build and train one model.
+    """All that is particular to one model.
 
     Attributes:
-        description: one line for ``dgm list``.
-        build: ``(ImageData, **options) -> nn.Module`` (sized to the data and, in fast mode, shrunk);
-            for a 2D toy it receives a ``ToyData``.
+        description: one line for ``dgm list`` and ``dgm train --help``.
+        build: ``(data, **options) -> nn.Module``, sized to the data (digits, MNIST or a 2D toy)
+            and, in fast mode, shrunk.
         epochs, lr, batch_size: training defaults; ``time_budget`` caps wall-clock seconds.
         fast_epochs, fast_time_budget: the same under ``DGM_FAST=1``.
-        options: the keyword options ``build`` accepts, each with its allowed values and default
-            (``dgm train vae --prior flow``).
-        report: ``(model, data, seed) -> dict`` of test metrics; None means the default
-            ``test_nll_nats`` from ``model.nll`` (for flows, the dequantization bound).
-        toy_settings: overrides of the training settings on 2D toys, each a ``(full, fast)`` pair.
-        data: the kinds of data it trains on: ``"images"`` (digits, MNIST) and/or ``"toy2d"`` (the 2D
-            toys of ``dgmlib.data.TOY_NAMES``); the first is the default.
+        report: ``(model, data, seed) -> dict`` of test metrics; it gives ``test_nll_nats`` (per image
+            or per point) and ``nll_method`` (a few words: which bound or estimate) for a likelihood
+            model, and ``likelihood`` (a sentence) saying how it was computed. The data are on the
+            model's device.
+        options: the keyword options ``build`` accepts (``dgm train MODEL --OPTION VALUE``).
+        figures: ``(model, data, seed, title) -> {name: Figure}``, saved as ``NAME.png``.
+        loss: ``model -> loss_fn`` for ``fit`` when the model does not train on its ``nll`` (the DDPM's
+            L_simple); ``loss_label`` names it in ``metrics.json`` and on the curves.
+        data: the kinds of data it trains on, ``"images"`` (digits, MNIST) and/or ``"toy2d"``; the
+            first is the default (digits, or ``default_toy``).
+        overrides: training settings by dataset kind (``"toy2d"``, ``"mnist"``), each a ``(full, fast)``
+            pair, e.g. ``{"mnist": {"batch_size": (128, 64)}}``.
     """
 
     description: str
-    build: Callable[[ImageData], nn.Module]
+    build: Callable[..., nn.Module]
     epochs: int
     fast_epochs: int
+    report: Callable[[nn.Module, Data, int], dict]
     lr: float = 1e-3
     batch_size: int = 64
     time_budget: float | None = None
     fast_time_budget: float | None = None
-    options: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    report: Callable[[nn.Module, ImageData, int], dict] | None = None
+    options: dict[str, Option] = field(default_factory=dict)
+    figures: Callable[[nn.Module, Data, int, str], dict[str, Figure]] = _image_samples
+    loss: Callable[[nn.Module], Callable[[Tensor], Tensor]] | None = None
+    loss_label: str | None = None
     data: tuple[str, ...] = ("images",)
-    toy_settings: dict = field(default_factory=dict)
+    default_toy: str = "8gaussians"
+    overrides: dict[str, dict[str, tuple]] = field(default_factory=dict)
 
-    def check_options(self, options: dict[str, str]) -> None:
-        """Check builder options such as ``{"prior": "flow"}`` against ``self.options``.
+    def resolve_options(self, options: dict[str, str]) -> dict[str, str]:
+        """Check options such as ``{"prior": "flow"}`` and fill in the defaults of the others.
 
         Raises:
             ValueError: naming the option that does not apply to this model or its allowed values.
@@ -65,31 +121,57 @@ class ModelSpec:
         for key, value in options.items():
             if key not in self.options:
                 raise ValueError(f"--{key} does not apply to this model")
-            if value not in self.options[key]:
-                raise ValueError(f"--{key} must be one of {', '.join(self.options[key])}, got {value!r}")
+            if value not in self.options[key].choices:
+                raise ValueError(f"--{key} must be one of {', '.join(self.options[key].choices)}, got {value!r}")
+        return {key: options.get(key, opt.default) for key, opt in self.options.items()}
 
-    def train_settings(self, toy: bool = False) -> dict:
-        """Keyword arguments for ``dgmlib.train.fit``, honouring fast mode (and ``toy_settings`` for 2D data)."""
+    def check_options(self, options: dict[str, str]) -> None:
+        """Check options without filling defaults (``resolve_options``). Raises ``ValueError`` as it does."""
+        self.resolve_options(options)
+
+    def train_settings(self, kind: str = "digits") -> dict:
+        """Keyword arguments for ``dgmlib.train.fit`` on data of ``kind`` (``"digits"``, ``"mnist"``,
+        ``"toy2d"``), honouring fast mode and ``overrides``."""
         settings = {"epochs": pick(self.epochs, self.fast_epochs), "lr": self.lr, "batch_size": self.batch_size,
                     "time_budget": pick(self.time_budget, self.fast_time_budget)}
-        if toy:
-            settings.update({k: pick(*v) for k, v in self.toy_settings.items()})
+        settings.update({k: pick(*v) for k, v in self.overrides.get(kind, {}).items()})
         return settings
 
 
-def _vae_report(model: nn.Module, data: ImageData, seed: int) -> dict:
+def _dequantization_report(model: flows.Flow, data: ImageData, seed: int) -> dict:
+    """A flow's test NLL: the uniform-dequantization bound, 4 noise draws per test image."""
+    return {"test_nll_nats": evaluate(model, data.test, num_samples=4, seed=seed, device=module_device(model)),
+            "nll_method": "dequantization bound",
+            "likelihood": "uniform-dequantization bound on -log P(y): E_u[-log p((y+u)/K)] + D log K, "
+                          "4 noise draws per test image"}
+
+
+def _mnist(d: Data) -> bool:
+    return isinstance(d, ImageData) and d.name == "mnist"
+
+
+def _vae_report(model: vae.LatentVariableModel, data: ImageData, seed: int) -> dict:
     """Test metrics of a VAE: IWAE NLL with k = 1000 (100 in fast mode), the ELBO split, surgery, active units."""
     k = pick(1000, 100)
-    metrics = vae.vae_metrics(model, data.test, data.train, k=k, seed=seed)
-    metrics["likelihood"] = (f"importance-sampled -log P(y) with k = {k} samples of q(z|y) (IWAE bound); the "
-                             "decoder is discrete over the levels, so no dequantization term enters")
+    test, train = data.test[:MAX_TEST_IMAGES], data.train[:MAX_TEST_IMAGES]
+    metrics = vae.vae_metrics(model, test, train, k=k, seed=seed)
+    metrics["nll_method"] = f"IWAE, k = {k}"
+    metrics["likelihood"] = (f"importance-sampled -log P(y) with k = {k} samples of q(z|y) (IWAE bound) on {len(test)} "
+                             "test images; the decoder is discrete over the levels, so no dequantization term enters")
     metrics["iwae_k"] = k
     return metrics
 
 
-def _build_vae(d: ImageData, prior: str = "standard", decoder: str = "categorical") -> nn.Module:
-    return vae.build_vae(d.shape, d.num_levels, latent_dim=16, prior=prior, decoder=decoder,
-                         hidden=pick(256, 128), channels=pick(64, 32), pseudo_init=d.train)
+def _build_vae(d: ImageData, prior: str = "standard", decoder: str = "categorical") -> vae.VAE:
+    big = _mnist(d)
+    return vae.build_vae(d.shape, d.num_levels, latent_dim=32 if big else 16, prior=prior, decoder=decoder,
+                         hidden=pick(512 if big else 256, 128), channels=pick(64, 32), pseudo_init=d.train[:5000])
+
+
+def _build_hvae(d: ImageData) -> vae.HierarchicalVAE:
+    big = _mnist(d)
+    return vae.HierarchicalVAE(d.shape, d.num_levels, (32, 16) if big else (16, 8),
+                               hidden=pick(512 if big else 256, 128), channels=pick(64, 32))
 
 
 def _ffjord_report(model: cnf.CNF, data: ToyData, seed: int) -> dict:
@@ -98,6 +180,7 @@ def _ffjord_report(model: cnf.CNF, data: ToyData, seed: int) -> dict:
     with torch.no_grad():
         nll = torch.cat([model.nll(batch) for batch in data.test.split(1000)])
     metrics = {"test_nll_nats": nll.mean().item(), "test_nll_se_nats": (nll.std() / math.sqrt(len(nll))).item(),
+               "nll_method": "exact (continuous)",
                "likelihood": "exact -log p(x) of the continuous 2D density (exact trace, dopri5), nats per point; "
                              "no dequantization: the data are continuous"}
     if data.name in TOY_DENSITIES:
@@ -110,7 +193,7 @@ def _ffjord_report(model: cnf.CNF, data: ToyData, seed: int) -> dict:
     return metrics
 
 
-def _build_ddpm(d: ImageData | ToyData) -> diffusion.DDPM:
+def _build_ddpm(d: Data) -> diffusion.DDPM:
     T = pick(1000, 100)
     if isinstance(d, ToyData):
         return diffusion.DDPM(diffusion.TimeMLP(d.num_dims, hidden=pick(128, 64), num_layers=3),
@@ -119,30 +202,36 @@ def _build_ddpm(d: ImageData | ToyData) -> diffusion.DDPM:
                           num_levels=d.num_levels)
 
 
-def _ddpm_report(model: diffusion.DDPM, data: ImageData | ToyData, seed: int) -> dict:
+def _ddpm_report(model: diffusion.DDPM, data: Data, seed: int) -> dict:
     """The bound in nats (images), and DDPM (T steps) against DDIM (50 steps): time and sample distance."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     metrics: dict = {"diffusion_steps": model.schedule.T, "ddim_steps": 50}
     images = isinstance(data, ImageData)
     if images:
-        terms = [model.bound_terms(batch, g) for batch in data.test.split(500)]
+        test = data.test[:MAX_TEST_IMAGES]
+        terms = [model.bound_terms(batch, g) for batch in test.split(500)]
         total = torch.cat([t["total"] for t in terms])
         metrics.update(
             test_nll_nats=total.mean().item(), test_nll_se_nats=(total.std() / math.sqrt(len(total))).item(),
             bound_prior_nats=torch.cat([t["prior"] for t in terms]).mean().item(),
             bound_diffusion_nats=torch.cat([t["diffusion"].sum(1) for t in terms]).mean().item(),
             bound_decoder_nats=torch.cat([t["decoder"] for t in terms]).mean().item(),
-            likelihood="variational bound L_T + sum_t L_{t-1} + L_0 on -log P(y) (Ho et al. Eq. 5), all T terms, "
-                       "one x_t per term, discretized Gaussian decoder over the levels; no dequantization term")
+            nll_method="variational bound",
+            likelihood=f"variational bound L_T + sum_t L_{{t-1}} + L_0 on -log P(y) (Ho et al. Eq. 5) on {len(test)} "
+                       "test images, all T terms, one x_t per term, discretized Gaussian decoder over the levels; "
+                       "no dequantization term")
     n = 64 if images else min(2000, len(data.test), len(data.val))
     flat = (lambda x: model.to_unit(x).flatten(1)) if images else (lambda x: x)
     test, held_out = flat(data.test[:n]), flat(data.val[:n])
+    synchronize = torch.cuda.synchronize if module_device(model).type == "cuda" else (lambda: None)
     start = time.perf_counter()
     ddpm = model.sample(n, generator=g)
+    synchronize()
     metrics["sample_seconds_ddpm"] = time.perf_counter() - start
     start = time.perf_counter()
     ddim = model.ddim_sample(n, 50, generator=g)
+    synchronize()
     metrics["sample_seconds_ddim"] = time.perf_counter() - start
     metrics.update(sample_count=n,
                    sample_distance=diffusion.sliced_wasserstein(ddpm.flatten(1), test),
@@ -154,44 +243,54 @@ def _ddpm_report(model: diffusion.DDPM, data: ImageData | ToyData, seed: int) ->
     return metrics
 
 
+_MNIST = {"epochs": (100, 1), "batch_size": (128, 64), "time_budget": (900.0, 30.0)}
+"""Training on MNIST (55000 images of 28x28, 256 levels): sized for a GPU, 15 minutes at most."""
+
 MODELS: dict[str, ModelSpec] = {
     "realnvp": ModelSpec(
         description="RealNVP: logit + 8 affine couplings, checkerboard masks, conv conditioners (lecture 02)",
-        build=lambda d: flows.realnvp(d.shape, num_couplings=8, hidden=pick(64, 32), num_levels=d.num_levels),
+        build=lambda d: flows.realnvp(d.shape, num_couplings=8, hidden=pick(128 if _mnist(d) else 64, 32),
+                                      num_levels=d.num_levels),
         epochs=150, fast_epochs=15, lr=1e-3, batch_size=64, time_budget=240.0, fast_time_budget=30.0,
+        report=_dequantization_report, overrides={"mnist": _MNIST},
     ),
     "nice": ModelSpec(
         description="NICE: logit + 4 additive couplings + diagonal scaling (lecture 02)",
-        build=lambda d: flows.nice(d.shape, num_couplings=4, hidden=pick(256, 128), num_levels=d.num_levels),
+        build=lambda d: flows.nice(d.shape, num_couplings=4, hidden=pick(1000 if _mnist(d) else 256, 128),
+                                   num_levels=d.num_levels),
         epochs=150, fast_epochs=15, lr=1e-3, batch_size=64, time_budget=240.0, fast_time_budget=30.0,
+        report=_dequantization_report, overrides={"mnist": _MNIST},
     ),
     "vae": ModelSpec(
-        description="VAE: MLP Gaussian encoder, conv decoder, --prior {standard,mog,vamp,flow}, "
-                    "--decoder {categorical,dlogistic} (lectures 05-06)",
+        description="VAE: MLP Gaussian encoder, conv decoder, a choice of prior and discrete decoder (lectures 05-06)",
         build=_build_vae, epochs=2000, fast_epochs=30, lr=1e-3, batch_size=64,
         time_budget=150.0, fast_time_budget=20.0,
-        options={"prior": vae.PRIORS, "decoder": ("categorical", "dlogistic")},
-        report=_vae_report,
+        options={"prior": Option(vae.PRIORS, "standard", "the prior p(z): N(0, I), a Gaussian mixture, the "
+                                                          "VampPrior or a RealNVP flow"),
+                 "decoder": Option(("categorical", "dlogistic"), "categorical",
+                                   "p(y|z): a K-way softmax per pixel, or a discretized logistic")},
+        report=_vae_report, overrides={"mnist": _MNIST},
     ),
     "hvae": ModelSpec(
         description="two-level hierarchical VAE, q(z1|y) q(z2|y), p(z2) p(z1|z2) p(y|z1) (lecture 05)",
-        build=lambda d: vae.HierarchicalVAE(d.shape, d.num_levels, (16, 8), hidden=pick(256, 128),
-                                            channels=pick(64, 32)),
+        build=_build_hvae,
         epochs=2000, fast_epochs=30, lr=1e-3, batch_size=64, time_budget=150.0, fast_time_budget=20.0,
-        report=_vae_report,
+        report=_vae_report, overrides={"mnist": _MNIST},
     ),
     "ffjord": ModelSpec(
-        description="FFJORD: continuous flow, concat-MLP velocity, Hutchinson trace, adjoint gradients, "
-                    "--data 8gaussians|checkerboard|2spirals|... (lecture 09)",
+        description="FFJORD: continuous flow, concat-MLP velocity, Hutchinson trace, adjoint gradients (lecture 09)",
         build=lambda d: cnf.ffjord(d.num_dims, hidden=64, num_layers=4, trace="rademacher", rtol=1e-4, atol=1e-4),
         epochs=1000, fast_epochs=20, lr=1e-3, batch_size=512, time_budget=200.0, fast_time_budget=15.0,
-        report=_ffjord_report, data=("toy2d",),
+        report=_ffjord_report, figures=_density_samples, data=("toy2d",),
     ),
     "ddpm": ModelSpec(
-        description="DDPM: linear schedule, T = 1000, eps-prediction, U-Net (digits) or time MLP "
-                    "(--data swissroll|...), L_simple; bound in bits/dim, DDPM vs DDIM sampling (lecture 10)",
+        description="DDPM: linear schedule, T = 1000, eps-prediction, U-Net (images) or time MLP (2D toys), "
+                    "L_simple; the bound in bits/dim, DDPM vs DDIM sampling (lecture 10)",
         build=_build_ddpm, epochs=5000, fast_epochs=3, lr=2e-3, batch_size=128, time_budget=360.0,
         fast_time_budget=20.0, report=_ddpm_report, data=("images", "toy2d"),
-        toy_settings={"epochs": (300, 3), "batch_size": (128, 512)},
+        figures=functools.partial(_image_samples, to_unit=lambda x: (x + 1) / 2),  # a DDPM samples in [-1, 1]
+        loss=lambda model: model.training_loss, loss_label="L_simple (mean squared error of ε)",
+        overrides={"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)},
+                   "mnist": {**_MNIST, "lr": (2e-4, 2e-4)}},
     ),
 }

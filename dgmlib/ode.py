@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torchdiffeq import odeint
 
+from dgmlib.device import value_checks
+
 __all__ = [
     "SOLVERS", "augmented_dynamics", "odeint_adjoint", "check_times", "check_solver", "ConcatMLP", "ODEBlock",
     "ResidualBlock",
@@ -57,6 +59,8 @@ def check_times(t: Tensor, like: Tensor | None = None) -> None:
         raise TypeError(f"t has dtype {t.dtype} but the state has dtype {like.dtype}; use the same dtype")
     if t.dim() != 1 or len(t) < 2:
         raise ValueError(f"t must have shape (T,) with T >= 2, got {tuple(t.shape)}")
+    if not value_checks(t):
+        return
     if not torch.isfinite(t).all():
         raise ValueError("t contains NaN or inf")
     steps = t[1:] - t[:-1]
@@ -68,7 +72,7 @@ def _check_state(z0: Tensor, name: str = "z0") -> None:
     if not isinstance(z0, Tensor) or not z0.is_floating_point():
         raise TypeError(f"{name} must be a floating torch.Tensor, got "
                         + (f"dtype {z0.dtype}" if isinstance(z0, Tensor) else type(z0).__name__))
-    if not torch.isfinite(z0).all():
+    if value_checks(z0) and not torch.isfinite(z0).all():
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -335,7 +339,7 @@ class ODENetClassifier(nn.Module):
             raise ValueError(f"batch must have shape (B, {self.in_dim + 1}): features then label, "
                              f"got {tuple(batch.shape)}")
         labels = batch[:, -1].long()
-        if labels.min() < 0 or labels.max() >= self.num_classes:
+        if value_checks(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
         return batch[:, :-1], labels
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from dgmlib.device import rand, value_checks
+
 LN2 = math.log(2.0)
 
 
@@ -43,11 +45,17 @@ def check_levels(y: Tensor, num_levels: int) -> None:
     Raises:
         TypeError: if ``y`` is not a tensor.
         ValueError: if ``num_levels < 2``, or ``y`` holds NaN, non-integers or values out of range.
+
+    The value checks read ``y`` (a host round trip on a GPU); they are skipped where
+    ``dgmlib.device.value_checks(y)`` is False: on ``meta`` and inside ``fit``/``evaluate``, which
+    check their whole data once.
     """
     if not isinstance(y, Tensor):
         raise TypeError(f"expected a torch.Tensor of discrete levels, got {type(y).__name__}")
     if not isinstance(num_levels, int) or num_levels < 2:
         raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+    if not value_checks(y):  # meta tensors, or batches of data already checked as a whole (fit, evaluate)
+        return
     if y.is_floating_point():
         if torch.isnan(y).any():
             raise ValueError("discrete data contains NaN")
@@ -78,7 +86,7 @@ def uniform_dequantize(y: Tensor, num_levels: int, generator: torch.Generator | 
     """
     check_levels(y, num_levels)
     y = y.float()
-    u = torch.rand(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+    u = rand(y.shape, device=y.device, dtype=y.dtype, generator=generator)
     return (y + u) / num_levels
 
 

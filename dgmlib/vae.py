@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgmlib import flows
+from dgmlib.device import bernoulli, module_device, multinomial, rand, randint, randn, value_checks
 from dgmlib.units import check_levels
 
 __all__ = [
@@ -52,7 +53,7 @@ def _check_tensor(x: Tensor, name: str, dims: int | tuple[int, ...] | None = Non
         raise TypeError(f"{name} must be floating point, got dtype {x.dtype}")
     if dims is not None and x.dim() not in ((dims,) if isinstance(dims, int) else dims):
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if value_checks(x) and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -95,7 +96,7 @@ def reparameterize(mu: Tensor, log_var: Tensor, num_samples: int | None = None,
         shape = (*mu.shape[:-2], num_samples, mu.shape[-1])
     else:
         shape = mu.shape
-    eps = torch.randn(shape, generator=generator, dtype=mu.dtype).to(mu.device)
+    eps = randn(shape, device=mu.device, dtype=mu.dtype, generator=generator)
     return mu + torch.exp(0.5 * log_var) * eps
 
 
@@ -496,12 +497,12 @@ class CategoricalDecoder(_Decoder):
     def mean(self, z: Tensor) -> Tensor:
         """Expected level ``E[y | z]`` of shape ``(B, *event_shape)``, in level units."""
         probs = F.softmax(self.logits(z), dim=-1)
-        return self._unflatten(probs @ torch.arange(self.num_levels, dtype=probs.dtype))
+        return self._unflatten(probs @ torch.arange(self.num_levels, dtype=probs.dtype, device=probs.device))
 
     def sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Levels ``y ~ p(y | z)`` of shape ``(B, *event_shape)`` (float)."""
         probs = F.softmax(self.logits(z), dim=-1)
-        y = torch.multinomial(probs.reshape(-1, self.num_levels), 1, generator=generator)
+        y = multinomial(probs.reshape(-1, self.num_levels), 1, generator=generator)
         return self._unflatten(y.reshape(probs.shape[:-1]).float())
 
 
@@ -538,7 +539,7 @@ class DiscretizedLogisticDecoder(_Decoder):
     def sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Levels drawn by inverting the logistic CDF and rounding into ``{0..K-1}``."""
         mean, log_scale = self.params(z)
-        u = torch.rand(mean.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+        u = rand(mean.shape, device=mean.device, dtype=mean.dtype, generator=generator).clamp(1e-6, 1 - 1e-6)
         v = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
         return self._unflatten(v.round().clamp(0, self.num_levels - 1))
 
@@ -562,7 +563,7 @@ class BernoulliDecoder(_Decoder):
 
     def sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Binary ``y ~ p(y | z)``, shape ``(B, *event_shape)``."""
-        return torch.bernoulli(self.mean(z), generator=generator)
+        return bernoulli(self.mean(z), generator=generator)
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -632,7 +633,7 @@ class AutoregressiveDecoder(_Decoder):
         y = z.new_zeros(z.shape[0], self.num_dims)
         for d in range(self.num_dims):
             probs = F.softmax(self.logits(y, z)[:, d], dim=-1)
-            y[:, d] = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(y.dtype)
+            y[:, d] = multinomial(probs, 1, generator=generator).squeeze(1).to(y.dtype)
         return self._unflatten(y)
 
     def mean(self, z: Tensor) -> Tensor:
@@ -650,15 +651,17 @@ class StandardNormalPrior(nn.Module):
         super().__init__()
         _check_positive_int(latent_dim, "latent_dim")
         self.latent_dim = latent_dim
+        # The mean 0 as a (non-saved) buffer: it moves with .to(device), so samples land where the model is.
+        self.register_buffer("loc", torch.zeros(latent_dim), persistent=False)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """``log N(z; 0, I)``, shape ``z.shape[:-1]``."""
         return standard_normal_log_prob(z)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``(n, L)`` draws."""
+        """``(n, L)`` draws, on the device of the module."""
         _check_positive_int(n, "n")
-        return torch.randn(n, self.latent_dim, generator=generator)
+        return self.loc + randn((n, self.latent_dim), device=self.loc.device, dtype=self.loc.dtype, generator=generator)
 
 
 class MixturePrior(nn.Module):
@@ -685,8 +688,8 @@ class MixturePrior(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``(n, L)`` draws: a component, then its Gaussian."""
         _check_positive_int(n, "n")
-        k = torch.multinomial(F.softmax(self.logits, -1), n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.latent_dim, generator=generator)
+        k = multinomial(F.softmax(self.logits, -1), n, replacement=True, generator=generator)
+        eps = randn((n, self.latent_dim), device=self.means.device, dtype=self.means.dtype, generator=generator)
         return self.means[k] + torch.exp(0.5 * self.log_vars[k]) * eps
 
 
@@ -725,8 +728,9 @@ class VampPrior(nn.Module):
         """``(n, L)`` draws: a pseudo-input uniformly, then its posterior."""
         _check_positive_int(n, "n")
         mu, log_var = self.encoder(self.pseudo_inputs)
-        k = torch.randint(mu.shape[0], (n,), generator=generator)
-        return mu[k] + torch.exp(0.5 * log_var[k]) * torch.randn(n, self.latent_dim, generator=generator)
+        k = randint(0, mu.shape[0], (n,), device=mu.device, generator=generator)
+        return mu[k] + torch.exp(0.5 * log_var[k]) * randn((n, self.latent_dim), device=mu.device, dtype=mu.dtype,
+                                                           generator=generator)
 
 
 class FlowPrior(nn.Module):
@@ -950,7 +954,7 @@ class HierarchicalVAE(LatentVariableModel):
         The marginal prior of the first layer, a Monte-Carlo mixture (an estimate, used for ELBO
         surgery on ``z1``); shape ``z1.shape[:-1]``, nats.
         """
-        z2 = self.prior.sample(num_samples, generator=torch.Generator().manual_seed(1))
+        z2 = self.prior.sample(num_samples, generator=torch.Generator().manual_seed(1)).to(z1.dtype)
         pm, plv = self.conditional_prior(z2)  # (S, L1)
         return torch.logsumexp(gaussian_log_prob(z1.unsqueeze(-2), pm, plv), -1) - math.log(num_samples)
 
@@ -959,7 +963,7 @@ class HierarchicalVAE(LatentVariableModel):
         """``n`` images in [0, 1], ``(n, C, H, W)``: ``z2 ~ N(0, I)``, ``z1 ~ p(z1|z2)``, then the decoder."""
         z2 = self.prior.sample(n, generator=generator)
         pm, plv = self.conditional_prior(z2)
-        z1 = pm + torch.exp(0.5 * plv) * torch.randn(pm.shape, generator=generator)
+        z1 = pm + torch.exp(0.5 * plv) * randn(pm.shape, device=pm.device, dtype=pm.dtype, generator=generator)
         y = self.decoder.mean(z1) if mean else self.decoder.sample(z1, generator=generator)
         return y / (self.num_levels - 1)
 
@@ -1023,6 +1027,8 @@ def vae_metrics(model: LatentVariableModel, test: Tensor, train: Tensor | None =
     """
     was_training = model.training
     model.eval()
+    device = module_device(model)  # the data follow the model (a GPU in `dgm train`)
+    test, train = test.to(device), None if train is None else train.to(device)
     g = torch.Generator().manual_seed(seed)
     out: dict[str, float | int] = {}
     out["test_nll_nats"] = torch.cat([model.importance_nll(b, k, generator=g) for b in test.split(50)]).mean().item()

@@ -185,3 +185,22 @@ def test_flow_log_prob_is_normal_for_identity_like_flow():
     expected = torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(1)
     torch.testing.assert_close(flow.log_prob(x), expected)
     assert math.isclose(flow.base_log_prob(torch.zeros(1, 3)).item(), -1.5 * math.log(2 * math.pi), rel_tol=1e-6)
+
+
+def test_planar_log_det_has_no_cancellation_in_float32():
+    """w.u far below -1: w.u_hat = softplus(w.u) - 1 rounds to -1 in float32, and the naive
+    log|1 + h' w.u_hat| was -inf. The log-det must match slogdet of the Jacobian in float64."""
+    layer = flows.Planar(2)
+    with torch.no_grad():
+        layer.w.copy_(torch.tensor([1.0, 0.5]))
+        layer.u.copy_(torch.tensor([-19.0, 0.0]))  # w.u = -19: the old log-det was -inf
+    x = torch.tensor([[0.0, 0.0], [0.3, -0.2], [2.0, 1.0]])
+    _, log_det = layer(x)
+    assert torch.isfinite(log_det).all()
+    double = flows.Planar(2).double()
+    double.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    for xi, ld in zip(x.double(), log_det):
+        jac = torch.func.jacrev(lambda v: double(v[None])[0][0])(xi)
+        assert ld.item() == pytest.approx(torch.linalg.slogdet(jac).logabsdet.item(), abs=1e-4)
+    _, inv_log_det = layer.inverse(layer(x[2:])[0])  # away from a = 0, where the map is nearly singular
+    torch.testing.assert_close(inv_log_det, -log_det[2:])

@@ -1,6 +1,7 @@
 """The fit loop, evaluation, checkpoints, plots and the dgm CLI."""
 
 import json
+import math
 
 import matplotlib.pyplot as plt
 import pytest
@@ -161,3 +162,57 @@ def test_cli_trains_ddpm_on_digits_and_swissroll(tmp_path):
     assert "test_nll_nats" not in metrics and metrics["epochs_run"] == 3
     assert 0 < metrics["data_distance"] < metrics["sample_distance"] and metrics["sample_count"] == 2000
     assert (tmp_path / "s" / "samples.png").exists()
+
+
+def test_cli_help_lists_each_models_own_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "vae", "--help"])
+    out = capsys.readouterr().out
+    assert "--prior" in out and "--decoder" in out and "--device" in out and "vamp" in out
+    with pytest.raises(SystemExit):
+        main(["train", "ddpm", "--help"])
+    out = capsys.readouterr().out
+    assert "--prior" not in out and "swissroll" in out
+    with pytest.raises(SystemExit):
+        main(["train", "realnvp", "--device", "tpu"])
+
+
+def test_cli_trains_on_mnist_sized_images(tmp_path, monkeypatch):
+    """`--data mnist` (no network here: 28x28 images with 256 levels stand in for MNIST's splits)."""
+    g = torch.Generator().manual_seed(0)
+    fake = {s: torch.randint(0, 256, (n, 1, 28, 28), generator=g).float() for s, n in
+            (("train", 64), ("val", 32), ("test", 32))}
+    monkeypatch.setattr(data, "load_mnist", lambda split="train", root="": fake[split])
+    out = tmp_path / "mnist"
+    assert main(["train", "realnvp", "--data", "mnist", "--fast", "--epochs", "1", "--no-progress",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_dims"] == 784 and metrics["num_levels"] == 256 and metrics["device"] == "cpu"
+    assert metrics["test_bits_per_dim"] == pytest.approx(metrics["test_nll_nats"] / (784 * math.log(2)))
+    assert metrics["nll_method"] == "dequantization bound" and (out / "samples.png").exists()
+
+
+def test_cli_results_gathers_runs_into_a_table_and_a_figure(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    rows = [{"model": "vae", "data": "digits", "options": {"prior": "flow"}, "test_nll_nats": 85.5,
+             "test_bits_per_dim": 1.927, "nll_method": "IWAE, k = 1000", "train_seconds": 150.2, "num_params": 1234,
+             "device": "cpu", "fast_mode": False},
+            {"model": "ffjord", "data": "8gaussians", "options": {}, "test_nll_nats": 1.74,
+             "nll_method": "exact (continuous)", "train_seconds": 200.0, "num_params": 8836, "device": "cuda"},
+            {"model": "ddpm", "data": "swissroll", "options": {}, "train_seconds": 60.0, "num_params": 10}]
+    for i, row in enumerate(rows):
+        (runs / str(i)).mkdir(parents=True)
+        (runs / str(i) / "metrics.json").write_text(json.dumps(row))
+    (runs / "broken").mkdir()
+    (runs / "broken" / "metrics.json").write_text("{not json")
+    assert main(["results", str(runs)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + 3 and "bits/dim" in lines[0]
+    assert "| vae | prior=flow | digits | 85.50 | 1.927 | IWAE, k = 1000 | 150 | 1,234 | cpu |" in out
+    assert "| ffjord |  | 8gaussians | 1.74 |  | exact (continuous) |" in out
+    assert (runs / "results.png").stat().st_size > 0
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(["results", str(tmp_path / "empty")])
+    plt.close("all")

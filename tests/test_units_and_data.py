@@ -137,3 +137,15 @@ def test_fast_mode_switch(monkeypatch):
     monkeypatch.setenv("DGM_FAST", "maybe")
     with pytest.raises(ValueError, match="DGM_FAST"):
         fast_mode()
+
+
+def test_checkerboard_samples_stay_in_their_squares_in_float32():
+    """A float64 sample just below a square's edge rounds up onto the edge in float32, i.e. into a
+    square of the other colour, where the true density is 0 (log-density -inf)."""
+    x = np.array([[2.0 - 1e-12, 1.0], [-1e-50, -1.0], [1.5, 2.0 - 1e-12]])  # in squares (0,0), (-1,-1), (0,0)
+    assert not torch.isfinite(data.toy_log_prob("checkerboard", torch.from_numpy(x.astype(np.float32)))).all()
+    fixed = torch.from_numpy(data._float32_in_cells(x, 2.0))
+    assert fixed.dtype == torch.float32
+    assert torch.isfinite(data.toy_log_prob("checkerboard", fixed)).all()
+    samples = data.toy_2d("checkerboard", 200_000, seed=3)
+    assert torch.isfinite(data.toy_log_prob("checkerboard", samples)).all()

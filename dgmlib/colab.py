@@ -1,0 +1,204 @@
+"""Every course notebook opens on Colab: the repository's address, the setup cell and the badges.
+
+The course repository is named once, here (``REPOSITORY`` and ``BRANCH``; a fork changes that one
+line). From it this module builds the setup cell that every lecture and assignment runs first (on
+Colab it installs ``dgmlib`` from the repository and names the GPU; anywhere else it does nothing)
+and the "Open in Colab" badges of the README's syllabus. Run from the repository root::
+
+    python -m dgmlib.colab
+
+to stamp every notebook (``lectures/*.ipynb``, ``solutions/*/*.ipynb``) with the current setup cell
+as its first code cell, rewrite the README's badges and regenerate ``assignments/`` with nbgrader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import nbformat
+from nbformat import NotebookNode
+
+REPOSITORY = "dgm-course/deep-generative-models"  # owner/name on GitHub: a fork changes this line
+BRANCH = "main"
+
+SETUP_ID = "colab_setup"  # the setup cell's id, and its nbgrader grade_id in solutions/
+STAMP_COMMAND = "python -m dgmlib.colab"
+BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
+_BADGE = re.compile(r" ?\[!\[Open in Colab\]\([^)]*\)\]\([^)]*\)")
+
+
+def pip_requirement() -> str:
+    """The pip requirement that installs the course library from GitHub, e.g. on Colab.
+
+    Raises nothing.
+    """
+    return f"dgmlib @ git+https://github.com/{REPOSITORY}@{BRANCH}"
+
+
+def colab_url(path: str) -> str:
+    """The address that opens the repository's notebook ``path`` (relative, e.g. ``lectures/02_flows.ipynb``) on Colab.
+
+    Raises:
+        ValueError: for an absolute path or one that is not a notebook.
+    """
+    if path.startswith("/") or not path.endswith(".ipynb"):
+        raise ValueError(f"expected a notebook path relative to the repository root, got {path!r}")
+    return f"https://colab.research.google.com/github/{REPOSITORY}/blob/{BRANCH}/{path}"
+
+
+def badge(path: str) -> str:
+    """The markdown "Open in Colab" badge linking to the notebook ``path`` on Colab.
+
+    Raises:
+        ValueError: as ``colab_url``.
+    """
+    return f"[![Open in Colab]({BADGE_IMAGE})]({colab_url(path)})"
+
+
+def setup_source() -> str:
+    """The source of the setup cell: plain Python (no magics), silent and import-free outside Colab.
+
+    Raises nothing.
+    """
+    return f'''# Colab setup, stamped by `{STAMP_COMMAND}` (do not edit by hand). On Google Colab it installs
+# the course library and names the GPU; anywhere else (JupyterLab, CI, grading) it does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                    "{pip_requirement()}"], check=True)
+    import torch
+
+    if torch.cuda.is_available():
+        print("GPU:", torch.cuda.get_device_name(0))
+    else:
+        print("No GPU. To get one: Runtime → Change runtime type → a GPU, then run the notebook again.")'''
+
+
+def setup_cell(graded: bool) -> NotebookNode:
+    """The read-only setup cell; ``graded`` adds the nbgrader metadata of a locked cell (for solutions/).
+
+    Raises nothing.
+    """
+    metadata: dict[str, object] = {"deletable": False, "editable": False}
+    if graded:
+        metadata["nbgrader"] = {"grade": False, "grade_id": SETUP_ID, "locked": True, "schema_version": 3,
+                                "solution": False, "task": False}
+    cell = nbformat.v4.new_code_cell(setup_source(), metadata=metadata)
+    cell.id = SETUP_ID
+    return cell
+
+
+def is_setup_cell(cell: NotebookNode) -> bool:
+    """Whether ``cell`` is a setup cell stamped by this module (any version of it).
+
+    Raises nothing.
+    """
+    return cell.cell_type == "code" and (cell.get("id") == SETUP_ID or STAMP_COMMAND in cell.source
+                                         or cell.metadata.get("nbgrader", {}).get("grade_id") == SETUP_ID)
+
+
+def stamped(nb: NotebookNode, graded: bool) -> NotebookNode:
+    """A copy of ``nb`` whose first code cell is the current setup cell; every other cell is kept as it is.
+
+    An older setup cell is replaced, a missing one inserted before the first code cell.
+
+    Raises nothing.
+    """
+    nb = nbformat.from_dict(nb)  # a deep copy
+    cells = [cell for cell in nb.cells if not is_setup_cell(cell)]
+    first_code = next((i for i, cell in enumerate(cells) if cell.cell_type == "code"), len(cells))
+    nb.cells = cells[:first_code] + [setup_cell(graded)] + cells[first_code:]
+    return nb
+
+
+def stamp_notebook(path: Path, graded: bool) -> bool:
+    """Stamp the notebook file at ``path`` in place (see ``stamped``); return whether it changed.
+
+    Raises:
+        OSError: if the file cannot be read or written. nbformat.ValidationError: for an invalid notebook.
+    """
+    before = path.read_text(encoding="utf-8")
+    nb = stamped(nbformat.reads(before, as_version=4), graded)
+    nbformat.validate(nb)
+    after = nbformat.writes(nb) + "\n"
+    if after == before:
+        return False
+    path.write_text(after, encoding="utf-8")
+    return True
+
+
+def readme_with_badges(readme: str, notebooks: Sequence[str]) -> str:
+    """``readme`` with exactly one Colab badge after the syllabus link of each notebook in ``notebooks``.
+
+    The syllabus is the section from the ``## Syllabus`` heading to the next ``## `` heading; each
+    path (e.g. ``assignments/hw2_flows/hw2_flows.ipynb``) must be linked there as ``[`name`](path)``.
+    Badges of notebooks not listed (e.g. removed ones) are dropped; topics without a link get none.
+
+    Raises:
+        ValueError: if the README has no syllabus section, or a notebook has no link in it.
+    """
+    match = re.search(r"^## Syllabus\n.*?(?=^## |\Z)", readme, flags=re.M | re.S)
+    if match is None:
+        raise ValueError("README.md has no '## Syllabus' section")
+    section = _BADGE.sub("", match.group(0))
+    missing = []
+    for path in notebooks:
+        link = f"[`{Path(path).stem}`]({path})"
+        if link not in section:
+            missing.append(link)
+        section = section.replace(link, f"{link} {badge(path)}", 1)
+    if missing:
+        raise ValueError(f"README.md's syllabus does not link {', '.join(missing)}: add a link, then run again")
+    return readme[:match.start()] + section + readme[match.end():]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dgmlib.colab [--root DIR]``: stamp the notebooks, rewrite the README's badges, regenerate.
+
+    Stamps ``lectures/*.ipynb`` and ``solutions/*/*.ipynb``, runs ``nbgrader generate_assignment HW
+    --force`` for every ``solutions/HW`` from ``root``, then writes README.md's syllabus badges (one per
+    lecture and per assignment). Returns 0.
+
+    Raises:
+        FileNotFoundError: if ``root`` has no README.md, lectures/ or solutions/.
+        ValueError: as ``readme_with_badges`` (checked before anything is written).
+        subprocess.CalledProcessError: if nbgrader fails.
+    """
+    parser = argparse.ArgumentParser(prog=STAMP_COMMAND, description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="the repository root (default: .)")
+    root = parser.parse_args(argv).root.resolve()
+    for needed in ("README.md", "lectures", "solutions"):
+        if not (root / needed).exists():
+            raise FileNotFoundError(f"{root / needed} not found: run from the repository root or pass --root")
+    lectures = sorted((root / "lectures").glob("*.ipynb"))
+    homework = sorted(p.name for p in (root / "solutions").iterdir() if (p / f"{p.name}.ipynb").is_file())
+    readme_path = root / "README.md"
+    readme = readme_with_badges(readme_path.read_text(encoding="utf-8"),
+                                [f"lectures/{p.name}" for p in lectures]
+                                + [f"assignments/{hw}/{hw}.ipynb" for hw in homework])
+    for path, graded in [(p, False) for p in lectures] + [(root / "solutions" / hw / f"{hw}.ipynb", True)
+                                                          for hw in homework]:
+        print(("stamped  " if stamp_notebook(path, graded) else "current  ") + str(path.relative_to(root)))
+    for hw in homework:
+        proc = subprocess.run([sys.executable, "-m", "nbgrader", "generate_assignment", hw, "--force"], cwd=root,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            proc.check_returncode()
+        print(f"released assignments/{hw}/{hw}.ipynb")
+    if readme != readme_path.read_text(encoding="utf-8"):
+        readme_path.write_text(readme, encoding="utf-8")
+    print(f"README.md: Colab badges for {len(lectures)} lectures and {len(homework)} assignments")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""``dgm results``: every ``metrics.json`` under a folder of runs, as one Markdown table and one figure.
+
+The README's results tables are made with it (``dgm results runs/``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+COLUMNS = ("model", "options", "data", "test NLL (nats)", "bits/dim", "NLL computed as", "train s", "params",
+           "device")
+
+
+def collect(runs: str | Path) -> list[dict[str, Any]]:
+    """Read every ``metrics.json`` below ``runs``, sorted by data, model, options and folder.
+
+    Each row is the metrics dict plus ``path`` (the run's folder). A file that is not JSON is skipped
+    with a warning row left out.
+
+    Raises:
+        FileNotFoundError: if ``runs`` is not a folder.
+    """
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise FileNotFoundError(f"{runs} is not a folder of runs")
+    rows = []
+    for path in sorted(runs.rglob("metrics.json")):
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(metrics, dict) and "model" in metrics:
+            rows.append({**metrics, "path": str(path.parent)})
+    return sorted(rows, key=lambda r: (str(r.get("data")), str(r["model"]), _options(r), r["path"]))
+
+
+def _options(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (row.get("options") or {}).items())
+
+
+def _method(row: dict[str, Any]) -> str:
+    if "nll_method" in row:
+        return str(row["nll_method"])
+    return str(row.get("likelihood", "")).split(" (")[0].split(":")[0]  # metrics written before nll_method existed
+
+
+def _number(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table: model, options, data, test NLL in nats (per image, or per point
+    for 2D data), bits/dim (discrete images only), how the NLL was computed, training seconds,
+    parameters and device. Runs without a test NLL (e.g. a DDPM on 2D data) leave those cells empty."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [str(r["model"]), _options(r), str(r.get("data", "")), _number(r.get("test_nll_nats"), 2),
+                 _number(r.get("test_bits_per_dim"), 3), _method(r) if "test_nll_nats" in r else "",
+                 _number(r.get("train_seconds"), 0), f"{r['num_params']:,}" if "num_params" in r else "",
+                 str(r.get("device", "cpu")) + (" (fast)" if r.get("fast_mode") else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def results_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Test NLL against training time, one panel per dataset: bits/dim for images, nats per point for 2D data.
+
+    Raises:
+        ValueError: if no row has a test NLL.
+    """
+    with_nll = [r for r in rows if "test_nll_nats" in r and "train_seconds" in r]
+    if not with_nll:
+        raise ValueError("no run with a test NLL to plot")
+    datasets = sorted({str(r.get("data")) for r in with_nll})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], datasets):
+        for r in (r for r in with_nll if str(r.get("data")) == name):
+            bits = "test_bits_per_dim" in r
+            y = r["test_bits_per_dim"] if bits else r["test_nll_nats"]
+            label = r["model"] + (f" ({_options(r)})" if _options(r) else "")
+            ax.scatter(r["train_seconds"], y, s=25)
+            ax.annotate(label, (r["train_seconds"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("training time (s)")
+        ax.set_ylabel("test NLL (bits/dim)" if any("test_bits_per_dim" in r for r in with_nll
+                                                  if str(r.get("data")) == name) else "test NLL (nats / point)")
+        ax.set_title(name)
+    fig.tight_layout()
+    return fig
