@@ -35,7 +35,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     for name, spec in MODELS.items():
         p = models.add_parser(name, parents=[common], help=spec.description, description=spec.description)
         choices = [c for kind in spec.data for c in _DATA_CHOICES[kind]]
-        default = "digits" if spec.data[0] == "images" else spec.default_toy
+        default = spec.default_data
         p.add_argument("--data", default=default, choices=choices, metavar="DATA",
                        help=f"one of {', '.join(choices)} (default: {default}); mnist needs torchvision and a network")
         for key, opt in spec.options.items():

@@ -125,9 +125,10 @@ class ModelSpec:
                 raise ValueError(f"--{key} must be one of {', '.join(self.options[key].choices)}, got {value!r}")
         return {key: options.get(key, opt.default) for key, opt in self.options.items()}
 
-    def check_options(self, options: dict[str, str]) -> None:
-        """Check options without filling defaults (``resolve_options``). Raises ``ValueError`` as it does."""
-        self.resolve_options(options)
+    @property
+    def default_data(self) -> str:
+        """The dataset ``dgm train`` uses without ``--data``: the digits, or ``default_toy`` for a 2D-only model."""
+        return "digits" if self.data[0] == "images" else self.default_toy
 
     def train_settings(self, kind: str = "digits") -> dict:
         """Keyword arguments for ``dgmlib.train.fit`` on data of ``kind`` (``"digits"``, ``"mnist"``,

@@ -29,7 +29,7 @@ NEEDS_VALUES = {"ffjord": "torchdiffeq's adaptive dopri5 reads its step sizes an
 
 def _data(name: str):
     spec = MODELS[name]
-    return load_image_data("digits") if spec.data[0] == "images" else load_toy_data(spec.default_toy)
+    return load_image_data(spec.default_data) if spec.data[0] == "images" else load_toy_data(spec.default_data)
 
 
 def _step(model: nn.Module, spec, batch: torch.Tensor) -> torch.Tensor:
