@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     res = sub.add_parser("results", help="gather every metrics.json under a folder into one table and a figure")
     res.add_argument("runs", nargs="?", default="runs", help="folder searched for metrics.json (default: runs)")
     res.add_argument("--figure", default=None, help="where to save the figure (default: RUNS/results.png)")
+    res.add_argument("--details", action="store_true",
+                     help="also one table per model with its own metrics (ELBO split, entropy gap, sampling times)")
     gr = sub.add_parser("grade", help="autograde every submission of an assignment (sandboxed, in parallel)")
     gr.add_argument("assignment", help="assignment name, e.g. hw2_flows")
     gr.add_argument("--course", default=".", help="nbgrader course root (default: .)")
@@ -72,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<{width}}  {spec.description}")
         return 0
     if args.command == "results":
-        from dgmlib.results import collect, markdown_table, results_figure
+        from dgmlib.results import collect, detail_table, markdown_table, results_figure
 
         runs = Path(args.runs)
         rows = collect(runs)
         if not rows:
             parser.error(f"no metrics.json under {runs}")
         print(markdown_table(rows))
+        for name, spec in MODELS.items() if args.details else ():
+            own = [r for r in rows if r["model"] == name]
+            if own and spec.columns:
+                print(f"\n**{name}**\n\n{detail_table(own, spec.columns)}")
         figure = Path(args.figure) if args.figure else runs / "results.png"
         results_figure(rows).savefig(figure, dpi=120, bbox_inches="tight")
         print(f"\nfigure: {figure}")

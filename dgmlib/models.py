@@ -25,6 +25,7 @@ from dgmlib import cnf, diffusion, flows, plots, vae
 from dgmlib.config import pick
 from dgmlib.data import TOY_DENSITIES, ImageData, ToyData, toy_entropy
 from dgmlib.device import module_device
+from dgmlib.results import Column, number
 from dgmlib.train import evaluate
 
 Data = ImageData | ToyData
@@ -93,6 +94,7 @@ class ModelSpec:
             first is the default (digits, or ``default_toy``).
         overrides: training settings by dataset kind (``"toy2d"``, ``"mnist"``), each a ``(full, fast)``
             pair, e.g. ``{"mnist": {"batch_size": (128, 64)}}``.
+        columns: the model's own columns in ``dgm results --details`` (metrics of ``report``).
     """
 
     description: str
@@ -111,6 +113,7 @@ class ModelSpec:
     data: tuple[str, ...] = ("images",)
     default_toy: str = "8gaussians"
     overrides: dict[str, dict[str, tuple]] = field(default_factory=dict)
+    columns: tuple[Column, ...] = ()
 
     def resolve_options(self, options: dict[str, str]) -> dict[str, str]:
         """Check options such as ``{"prior": "flow"}`` and fill in the defaults of the others.
@@ -244,6 +247,36 @@ def _ddpm_report(model: diffusion.DDPM, data: Data, seed: int) -> dict:
     return metrics
 
 
+_FLOW_COLUMNS = (Column("validation NLL (nats)", number("val_nll_nats")),)
+_VAE_COLUMNS = (
+    Column("−ELBO (nats)", number("neg_elbo_nats")), Column("reconstruction (nats)", number("recon_nats")),
+    Column("KL (nats)", number("kl_nats")), Column("MI (nats)", number("mutual_info_nats", 2, "mutual_info_se")),
+    Column("marginal KL (nats)", number("marginal_kl_nats", 2, "marginal_kl_se")),
+    Column("active units", lambda r: f"{r['active_units']}/{r['latent_dim']}" if "active_units" in r else ""),
+)
+_FFJORD_COLUMNS = (
+    Column("test NLL (nats/point)", number("test_nll_nats", 3, "test_nll_se_nats")),
+    Column("true entropy (nats)", number("true_entropy_nats", 3, "true_entropy_se_nats")),
+    Column("gap, a KL estimate (nats)", number("entropy_gap_nats", 3, "entropy_gap_se_nats")),
+    Column("NFE forward / backward", lambda r: f"{r['nfe_forward']} / {r['nfe_backward']}" if "nfe_forward" in r else ""),
+)
+_DDPM_COLUMNS = (
+    Column("bound (nats)", number("test_nll_nats", 1, "test_nll_se_nats")),
+    Column("L_T / Σ L_{t-1} / L_0 (nats)", lambda r: " / ".join(
+        _fmt(r[k]) for k in ("bound_prior_nats", "bound_diffusion_nats", "bound_decoder_nats")) if "bound_prior_nats" in r else ""),
+    Column("DDPM: samples in s, distance", lambda r: f"{r['sample_count']} in {r['sample_seconds_ddpm']:.1f}, "
+                                                      f"{r['sample_distance']:.3f}" if "sample_distance" in r else ""),
+    Column("DDIM: s, distance", lambda r: f"{r['sample_seconds_ddim']:.2f}, {r['sample_distance_ddim']:.3f}"
+                                          if "sample_distance_ddim" in r else ""),
+    Column("data floor", number("data_distance", 3)),
+)
+
+
+def _fmt(value: float) -> str:
+    """A bound term in nats: 1 decimal when large, 4 when small."""
+    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.4f}"
+
+
 _MNIST = {"epochs": (100, 1), "batch_size": (128, 64), "time_budget": (900.0, 30.0)}
 """Training on MNIST (55000 images of 28x28, 256 levels): sized for a GPU, 15 minutes at most."""
 
@@ -253,14 +286,14 @@ MODELS: dict[str, ModelSpec] = {
         build=lambda d: flows.realnvp(d.shape, num_couplings=8, hidden=pick(128 if _mnist(d) else 64, 32),
                                       num_levels=d.num_levels),
         epochs=150, fast_epochs=15, lr=1e-3, batch_size=64, time_budget=240.0, fast_time_budget=30.0,
-        report=_dequantization_report, overrides={"mnist": _MNIST},
+        report=_dequantization_report, overrides={"mnist": _MNIST}, columns=_FLOW_COLUMNS,
     ),
     "nice": ModelSpec(
         description="NICE: logit + 4 additive couplings + diagonal scaling (lecture 02)",
         build=lambda d: flows.nice(d.shape, num_couplings=4, hidden=pick(1000 if _mnist(d) else 256, 128),
                                    num_levels=d.num_levels),
         epochs=150, fast_epochs=15, lr=1e-3, batch_size=64, time_budget=240.0, fast_time_budget=30.0,
-        report=_dequantization_report, overrides={"mnist": _MNIST},
+        report=_dequantization_report, overrides={"mnist": _MNIST}, columns=_FLOW_COLUMNS,
     ),
     "vae": ModelSpec(
         description="VAE: MLP Gaussian encoder, conv decoder, a choice of prior and discrete decoder (lectures 05-06)",
@@ -270,19 +303,19 @@ MODELS: dict[str, ModelSpec] = {
                                                           "VampPrior or a RealNVP flow"),
                  "decoder": Option(("categorical", "dlogistic"), "categorical",
                                    "p(y|z): a K-way softmax per pixel, or a discretized logistic")},
-        report=_vae_report, overrides={"mnist": _MNIST},
+        report=_vae_report, overrides={"mnist": _MNIST}, columns=_VAE_COLUMNS,
     ),
     "hvae": ModelSpec(
         description="two-level hierarchical VAE, q(z1|y) q(z2|y), p(z2) p(z1|z2) p(y|z1) (lecture 05)",
         build=_build_hvae,
         epochs=2000, fast_epochs=30, lr=1e-3, batch_size=64, time_budget=150.0, fast_time_budget=20.0,
-        report=_vae_report, overrides={"mnist": _MNIST},
+        report=_vae_report, overrides={"mnist": _MNIST}, columns=_VAE_COLUMNS,
     ),
     "ffjord": ModelSpec(
         description="FFJORD: continuous flow, concat-MLP velocity, Hutchinson trace, adjoint gradients (lecture 09)",
         build=lambda d: cnf.ffjord(d.num_dims, hidden=64, num_layers=4, trace="rademacher", rtol=1e-4, atol=1e-4),
         epochs=1000, fast_epochs=20, lr=1e-3, batch_size=512, time_budget=200.0, fast_time_budget=15.0,
-        report=_ffjord_report, figures=_density_samples, data=("toy2d",),
+        report=_ffjord_report, figures=_density_samples, data=("toy2d",), columns=_FFJORD_COLUMNS,
     ),
     "ddpm": ModelSpec(
         description="DDPM: linear schedule, T = 1000, eps-prediction, U-Net (images) or time MLP (2D toys), "
@@ -293,5 +326,6 @@ MODELS: dict[str, ModelSpec] = {
         loss=lambda model: model.training_loss, loss_label="L_simple (mean squared error of ε)",
         overrides={"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)},
                    "mnist": {**_MNIST, "lr": (2e-4, 2e-4)}},
+        columns=_DDPM_COLUMNS,
     ),
 }

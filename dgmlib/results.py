@@ -1,6 +1,8 @@
 """``dgm results``: every ``metrics.json`` under a folder of runs, as one Markdown table and one figure.
 
-The README's results tables are made with it (``dgm results runs/``).
+The README's results tables are made with it (``dgm results runs/ --details``): the main table has the
+same columns for every model; ``--details`` adds one table per model with the columns its registry
+entry names (``ModelSpec.columns``, built from ``Column`` and ``number``).
 """
 
 from __future__ import annotations
@@ -8,10 +10,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 COLUMNS = ("model", "options", "data", "test NLL (nats)", "bits/dim", "NLL computed as", "train s", "params",
            "device")
@@ -54,6 +59,44 @@ def _number(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of a model's detail table: a heading and how to write a run's cell.
+
+    Attributes:
+        label: the heading, with its unit, e.g. ``"KL (nats)"``.
+        cell: ``metrics dict -> str``; an empty string when the run lacks the metric.
+    """
+
+    label: str
+    cell: Callable[[dict[str, Any]], str]
+
+
+def number(key: str, digits: int = 2, se: str | None = None) -> Callable[[dict[str, Any]], str]:
+    """A cell writer for ``Column``: ``row[key]`` with ``digits`` decimals, followed by ``± row[se]``
+    when ``se`` names a standard error in the row that does not round to zero. Missing or
+    non-finite values give an empty cell."""
+    def cell(row: dict[str, Any]) -> str:
+        text = _number(row.get(key), digits)
+        if text and se is not None and _number(row.get(se), digits).strip("0.-"):
+            text += f" ± {_number(row[se], digits)}"
+        return text
+    return cell
+
+
+def detail_table(rows: list[dict[str, Any]], columns: tuple[Column, ...]) -> str:
+    """The rows of one model as a Markdown table: options, data, then ``columns``, then training
+    seconds and epochs (run, and the best one, whose weights were kept)."""
+    head = ("options", "data", *(c.label for c in columns), "train s", "epochs (best)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        epochs = f"{r['epochs_run']} ({r.get('best_epoch', '?')})" if "epochs_run" in r else ""
+        cells = [_options(r), str(r.get("data", "")), *(c.cell(r) for c in columns),
+                 _number(r.get("train_seconds"), 0), epochs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table: model, options, data, test NLL in nats (per image, or per point
     for 2D data), bits/dim (discrete images only), how the NLL was computed, training seconds,
@@ -69,7 +112,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def results_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Test NLL against training time, one panel per dataset: bits/dim for images, nats per point for 2D data.
+    """Test NLL against training time, one panel per dataset, one marker per run (named in the legend):
+    bits/dim for images, nats per point for 2D data.
 
     Raises:
         ValueError: if no row has a test NLL.
@@ -78,18 +122,21 @@ def results_figure(rows: list[dict[str, Any]]) -> Figure:
     if not with_nll:
         raise ValueError("no run with a test NLL to plot")
     datasets = sorted({str(r.get("data")) for r in with_nll})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 3.8), squeeze=False)
+    markers = "osD^v<>pX*"
     for ax, name in zip(axes[0], datasets):
-        for r in (r for r in with_nll if str(r.get("data")) == name):
-            bits = "test_bits_per_dim" in r
+        runs = [r for r in with_nll if str(r.get("data")) == name]
+        bits = all("test_bits_per_dim" in r for r in runs)
+        for i, r in enumerate(runs):
             y = r["test_bits_per_dim"] if bits else r["test_nll_nats"]
             label = r["model"] + (f" ({_options(r)})" if _options(r) else "")
-            ax.scatter(r["train_seconds"], y, s=25)
-            ax.annotate(label, (r["train_seconds"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(r["train_seconds"], y, s=30, marker=markers[i % len(markers)], label=label)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded labels on the minor ticks
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("training time (s)")
-        ax.set_ylabel("test NLL (bits/dim)" if any("test_bits_per_dim" in r for r in with_nll
-                                                  if str(r.get("data")) == name) else "test NLL (nats / point)")
+        ax.set_ylabel("test NLL (bits/dim)" if bits else "test NLL (nats / point)")
         ax.set_title(name)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

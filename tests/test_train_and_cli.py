@@ -212,6 +212,17 @@ def test_cli_results_gathers_runs_into_a_table_and_a_figure(tmp_path, capsys):
     assert "| vae | prior=flow | digits | 85.50 | 1.927 | IWAE, k = 1000 | 150 | 1,234 | cpu |" in out
     assert "| ffjord |  | 8gaussians | 1.74 |  | exact (continuous) |" in out
     assert (runs / "results.png").stat().st_size > 0
+    assert "**vae**" not in out  # the detail tables only with --details
+    rows[0].update(neg_elbo_nats=89.25, kl_nats=11.34, mutual_info_nats=6.65, mutual_info_se=0.007,
+                   active_units=16, latent_dim=16, epochs_run=347, best_epoch=39)
+    (runs / "0" / "metrics.json").write_text(json.dumps(rows[0]))
+    assert main(["results", str(runs), "--details"]) == 0
+    out = capsys.readouterr().out
+    vae_table = out.split("**vae**")[1].split("**")[0]
+    assert "| −ELBO (nats) |" in vae_table and "| KL (nats) |" in vae_table
+    assert "| prior=flow | digits | 89.25 |" in vae_table and "| 11.34 | 6.65 ± 0.01 |" in vae_table
+    assert "| 16/16 | 150 | 347 (39) |" in vae_table
+    assert "**ddpm**" in out and "**ffjord**" in out  # a run missing metrics leaves empty cells, no KeyError
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         main(["results", str(tmp_path / "empty")])
