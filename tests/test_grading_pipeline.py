@@ -1,10 +1,11 @@
 """The whole nbgrader pipeline, for every assignment in solutions/.
 
 1. Regenerating assignments/ from solutions/ reproduces the committed release notebooks.
-2. Autograding simulated submissions in a temporary course gives exactly the expected scores,
-   per test cell and in the exported CSV (the untouched release scores zero). The "complete"
-   submission is the release with every solution cell filled in; autograding restores the hidden
-   tests, so its full score also shows that the solution notebook runs and passes every test.
+2. Grading a simulated class with ``dgm grade``, in one pass per assignment, gives exactly the
+   expected scores, per test cell, in the exported CSV and in the report, and no attacker earns a
+   point (the class is in ``classroom_cases``). The "honest" submission is the release with every
+   solution cell filled in; autograding restores the hidden tests, so its full score also shows that
+   the solution notebook runs and passes every test.
 3. No solution or hidden-test text appears in assignments/.
 """
 
@@ -22,62 +23,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points, nbg, solution_sources
+from classroom_cases import ATTACKS, EXPECTED, GRADER_ATTACKS, attack_submission, pipeline_submission
+from dgmlib.cli import main
+from dgmlib.grading import classroom, sandbox
+from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points
 
-# What each simulated submission must score on the autograded cells. "partial" fills in only the
-# listed solution cells; "raises" is the full solution with `raising_cell` made to raise first.
-EXPECTED = {
-    "hw2_flows": {
-        "partial_cells": {"coupling"},
-        "raising_cell": "coupling",
-        "scores": {
-            "complete": {"test_round_trip": 2, "test_log_det": 3, "test_mask": 2, "test_bound": 3, "test_nll": 4},
-            "blank": {},
-            "partial": {"test_round_trip": 2, "test_log_det": 3, "test_mask": 2},
-            "edited_tests": {},
-            "raises": {"test_bound": 3},
-        },
-    },
-    "hw3_vae": {
-        "partial_cells": {"bounds"},
-        "raising_cell": "bounds",
-        "scores": {
-            "complete": {"test_kl": 2, "test_elbo": 2, "test_iwae": 2, "test_q_agg": 2, "test_surgery": 2,
-                         "test_vamp": 3, "test_nll": 4},
-            "blank": {},
-            "partial": {"test_kl": 2, "test_elbo": 2, "test_iwae": 2},
-            "edited_tests": {},
-            # the bounds are undefined, so training with -iwae fails too
-            "raises": {"test_q_agg": 2, "test_surgery": 2, "test_vamp": 3},
-        },
-    },
-    "hw5_neural_ode": {
-        "partial_cells": {"adjoint"},
-        "raising_cell": "adjoint",
-        "scores": {
-            "complete": {"test_augmented": 2, "test_adjoint": 3, "test_hutchinson": 3, "test_ffjord": 2,
-                         "test_nll": 4},
-            "blank": {},
-            "partial": {"test_augmented": 2, "test_adjoint": 3},
-            "edited_tests": {},
-            # FFJORD uses only the student's Hutchinson estimator and dgmlib's adjoint
-            "raises": {"test_hutchinson": 3, "test_ffjord": 2, "test_nll": 4},
-        },
-    },
-    "hw6_diffusion": {
-        "partial_cells": {"forward"},
-        "raising_cell": "objective",
-        "scores": {
-            "complete": {"test_q_sample": 2, "test_posterior": 2, "test_l_simple": 2, "test_step": 2,
-                         "test_toy": 4, "test_digits": 2},
-            "blank": {},
-            "partial": {"test_q_sample": 2, "test_posterior": 2},
-            "edited_tests": {},
-            # without l_simple and p_sample_step nothing can be trained or sampled
-            "raises": {"test_q_sample": 2, "test_posterior": 2},
-        },
-    },
-}
+HAS_BWRAP = sandbox.bwrap_path() is not None
 
 pytestmark = pytest.mark.notebook
 
@@ -93,22 +44,6 @@ def nbgrader(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         pytest.fail(f"nbgrader {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
-
-
-def _submission(kind: str, release, source, spec: dict):
-    """Build one simulated student notebook from the release and source notebooks."""
-    nb = copy.deepcopy(release)
-    solutions = solution_sources(source)
-    fill = {"complete": set(solutions), "raises": set(solutions), "partial": spec["partial_cells"]}.get(kind, set())
-    for cell in nb.cells:
-        meta = nbg(cell)
-        if meta.get("solution") and meta["grade_id"] in fill:
-            cell.source = solutions[meta["grade_id"]]
-        if kind == "raises" and meta.get("grade_id") == spec["raising_cell"]:
-            cell.source = 'raise RuntimeError("a bug in the student\'s cell")\n' + cell.source
-        if kind == "edited_tests" and meta.get("grade") and not meta.get("solution"):
-            cell.source = "pass  # the student deleted the tests"
-    return nb
 
 
 @pytest.fixture(scope="module")
@@ -148,38 +83,76 @@ def test_release_leaks_no_solution(name):
                         assert json.dumps(line)[1:-1] not in released, f"solution text leaked: {line!r}"
 
 
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")
 @pytest.mark.parametrize("name", ASSIGNMENTS)
-def test_autograde_gives_exact_scores(course, name):
+def test_grading_a_class(tmp_path, name):
+    """One ``dgm grade`` pass over a class: exact per-cell scores, and no attacker earns a point.
+
+    The class (``classroom_cases``): the honest solution, the blank release, a partial submission, one
+    whose cell raises, and one submission per attack on the tests; for the first assignment also the
+    attacks on the grader (deleting the course, an endless loop, killing the kernel, flooding the
+    output). They are graded together, 2 at a time, with the instructor's command as the README gives it.
+    """
+    course = make_course(tmp_path / "course")
     spec = EXPECTED[name]
     (notebook_file,) = sorted((ROOT / "solutions" / name).glob("*.ipynb"))
     source = nbformat.read(notebook_file, as_version=4)
-    release = nbformat.read(course / "assignments" / name / notebook_file.name, as_version=4)
-    for kind in spec["scores"]:
-        folder = course / "submitted" / kind / name
+    release = nbformat.read(ROOT / "assignments" / name / notebook_file.name, as_version=4)
+    submissions = {kind: pipeline_submission(kind, release, source, spec) for kind in spec["scores"]}
+    submissions["blank"] = copy.deepcopy(release)
+    grader_attacks = name == ASSIGNMENTS[0]
+    for attack in ATTACKS:
+        if attack not in GRADER_ATTACKS or grader_attacks:
+            submissions[attack] = attack_submission(release, source, name, attack)
+    for student, nb in submissions.items():
+        folder = course / "submitted" / student / name
         folder.mkdir(parents=True)
-        nbformat.write(_submission(kind, release, source, spec), folder / notebook_file.name)
-    nbgrader("autograde", name, "--force", cwd=course)
-    nbgrader("export", "--to", "grades.csv", cwd=course)
+        nbformat.write(nb, folder / notebook_file.name)
 
+    assert main(["grade", name, "--course", str(course), "--jobs", "2", "--timeout", "90"]) == 0
+    reported = json.loads((course / "reports" / f"{name}.json").read_text())
+    results = {r["student"]: classroom.StudentResult(**r) for r in reported}
+    report = classroom.format_report(name, list(results.values()))
+
+    # exact per-cell scores in the gradebook (a flagged submission's manual override of 0 included)
     from nbgrader.api import Gradebook
 
     auto_cells = list(autograded_points(source))
     max_score = max_points(source)
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
-        for kind, expected in spec["scores"].items():
-            nb_sub = gb.find_submission_notebook(notebook_file.stem, name, kind)
-            got = {cell: gb.find_grade(cell, notebook_file.stem, name, kind).score for cell in auto_cells}
-            want = {cell: expected.get(cell, 0) for cell in auto_cells}
-            assert got == want, f"{kind}: per-cell scores {got} != expected {want}"
-            assert nb_sub.max_score == max_score
-
+        for student in submissions:
+            want = {cell: spec["scores"].get(student, {}).get(cell, 0) for cell in auto_cells}
+            got = {cell: gb.find_grade(cell, notebook_file.stem, name, student).score for cell in auto_cells} \
+                if student not in ("kill_kernel",) else dict.fromkeys(auto_cells, 0)  # a dead kernel is never scored
+            assert got == want, f"{student}: per-cell scores {got} != expected {want}\n{report}"
+            if student != "kill_kernel":
+                assert gb.find_submission_notebook(notebook_file.stem, name, student).max_score == max_score
+    # ... the same in the CSV and the report
     with open(course / "grades.csv", newline="") as fh:
         rows = {row["student_id"]: row for row in csv.DictReader(fh) if row["assignment"] == name}
-    assert set(rows) == set(spec["scores"])
-    for kind, expected in spec["scores"].items():
-        assert float(rows[kind]["score"]) == sum(expected.values()), kind
-        assert float(rows[kind]["max_score"]) == max_score
-    assert (course / "autograded" / "complete" / name / notebook_file.name).exists()
+    assert set(rows) == set(submissions)
+    for student in submissions:
+        total = sum(spec["scores"].get(student, {}).values())
+        assert float(rows[student]["score"]) == total and results[student].score == total, f"{student}\n{report}"
+        assert float(rows[student]["max_score"]) == max_score or student == "kill_kernel"
+    assert not results["honest"].flagged and not results["honest"].failure, report
+
+    # what stopped each attack is visible in the report
+    assert results["tamper"].flagged and results["tamper_exec"].flagged
+    # in the kernel, every test cell of the exec-hidden tamper failed on its own
+    assert all(any(c.startswith(f"{g} (TamperingError)") for c in results["tamper_exec"].crashed)
+               for g in auto_cells), report
+    if grader_attacks:
+        assert "infinite_loop" in report and results["infinite_loop"].timed_out
+        assert "died" in results["kill_kernel"].failure
+        assert any("NotImplementedError" in c for c in results["huge_output"].crashed)
+        flood = (course / "autograded" / "huge_output" / name / notebook_file.name).read_text()
+        assert len(flood) < 2_000_000  # the huge output was cut in the autograded notebook
+    # the gradebook, the solutions and everyone's files survived
+    assert (course / "gradebook.db").exists() and (course / "solutions" / name / notebook_file.name).exists()
+    for student in submissions:
+        assert nbformat.read(course / "submitted" / student / name / notebook_file.name, as_version=4).cells
+    assert nbformat.read(course / "autograded" / "honest" / name / notebook_file.name, as_version=4).cells
 
 
 @pytest.mark.parametrize("name", ASSIGNMENTS)

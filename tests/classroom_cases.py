@@ -1,0 +1,249 @@
+"""The simulated class that the grading tests grade: honest, partial and broken submissions, and attackers.
+
+Every assignment is graded once, by ``dgm grade``, with all of them together (``test_grading_pipeline``):
+- the pipeline submissions (``EXPECTED``): the complete solution ("honest"), the blank release, a
+  partial one and one whose cell raises, each with its exact per-cell scores;
+- the attacks (``ATTACKS``) on the tests, the course folder and the grader, each with wrong but running
+  answers (``WRONG``) so that only the attack could earn points.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from nbformat.v4 import new_code_cell
+
+from nbhelpers import nbg, solution_sources
+
+# What each pipeline submission must score on the autograded cells. "honest" is the complete solution;
+# "partial" fills in only the listed solution cells; "raises" is the full solution with `raising_cell`
+# made to raise first. Every other submission (the blank release, every attacker) must score 0.
+EXPECTED = {
+    "hw2_flows": {
+        "partial_cells": {"coupling"},
+        "raising_cell": "coupling",
+        "scores": {
+            "honest": {"test_round_trip": 2, "test_log_det": 3, "test_mask": 2, "test_bound": 3, "test_nll": 4},
+            "partial": {"test_round_trip": 2, "test_log_det": 3, "test_mask": 2},
+            "raises": {"test_bound": 3},
+        },
+    },
+    "hw3_vae": {
+        "partial_cells": {"bounds"},
+        "raising_cell": "bounds",
+        "scores": {
+            "honest": {"test_kl": 2, "test_elbo": 2, "test_iwae": 2, "test_q_agg": 2, "test_surgery": 2,
+                         "test_vamp": 3, "test_nll": 4},
+            "partial": {"test_kl": 2, "test_elbo": 2, "test_iwae": 2},
+            # the bounds are undefined, so training with -iwae fails too
+            "raises": {"test_q_agg": 2, "test_surgery": 2, "test_vamp": 3},
+        },
+    },
+    "hw5_neural_ode": {
+        "partial_cells": {"adjoint"},
+        "raising_cell": "adjoint",
+        "scores": {
+            "honest": {"test_augmented": 2, "test_adjoint": 3, "test_hutchinson": 3, "test_ffjord": 2,
+                         "test_nll": 4},
+            "partial": {"test_augmented": 2, "test_adjoint": 3},
+            # FFJORD uses only the student's Hutchinson estimator and dgmlib's adjoint
+            "raises": {"test_hutchinson": 3, "test_ffjord": 2, "test_nll": 4},
+        },
+    },
+    "hw6_diffusion": {
+        "partial_cells": {"forward"},
+        "raising_cell": "objective",
+        "scores": {
+            "honest": {"test_q_sample": 2, "test_posterior": 2, "test_l_simple": 2, "test_step": 2,
+                         "test_toy": 4, "test_digits": 2},
+            "partial": {"test_q_sample": 2, "test_posterior": 2},
+            # without l_simple and p_sample_step nothing can be trained or sampled
+            "raises": {"test_q_sample": 2, "test_posterior": 2},
+        },
+    },
+}
+
+# A wrong but running answer for every solution cell, so that tampering is what would earn points.
+WRONG = {
+    "hw2_flows": {
+        "coupling": """
+class AffineCoupling(flows.Bijection):
+    def __init__(self, mask, net, scale_bound=3.0):
+        super().__init__(mask.shape)
+        self.register_buffer("mask", mask.float())
+        self.net = net
+    def forward(self, x):
+        return x * 1.5, x.new_zeros(x.shape[0])
+    def inverse(self, z):
+        return z, z.new_zeros(z.shape[0])
+""",
+        "bound": "def dequantization_bound(log_prob, y, num_levels, generator=None):\n    return -log_prob(y / num_levels)",
+        "build": "def build_realnvp(num_couplings=8, hidden=64):\n"
+                 "    return flows.Flow(flows.Compose(*[AffineCoupling(flows.checkerboard_mask((1, 8, 8), k % 2), None)"
+                 " for k in range(num_couplings)]), num_levels=17)",
+        "train": "model = build_realnvp()\nhistory = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
+    },
+    "hw3_vae": {
+        "bounds": """
+def gaussian_kl(mu, log_var):
+    return (mu ** 2).sum(-1)
+def elbo(model, y, generator=None):
+    mu, log_var = model.encode(y)
+    return model.decoder.log_prob(y, mu)
+def iwae_bound(log_weights):
+    return log_weights.mean(1)
+def iwae(model, y, k, generator=None):
+    return elbo(model, y, generator)
+""",
+        "surgery": """
+def log_q_agg(z, mu, log_var):
+    return vae.gaussian_log_prob(z, mu[:1], log_var[:1])
+def surgery(mu, log_var, prior_log_prob, num_samples=1, generator=None):
+    return 0.5, 0.5
+""",
+        "vamp": """
+class VampPrior(nn.Module):
+    def __init__(self, encoder, pseudo_inputs):
+        super().__init__()
+        self.latent_dim = encoder.latent_dim
+        self.encoder, self.pseudo_inputs = encoder, nn.Parameter(pseudo_inputs.clone())
+    def log_prob(self, z):
+        return vae.standard_normal_log_prob(z)
+    def sample(self, n, generator=None):
+        return torch.randn(n, self.latent_dim, generator=generator)
+""",
+        "train": "model = small_vae()\nhistory = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
+    },
+    "hw5_neural_ode": {
+        "adjoint": """
+def augmented_dynamics(func, t, z, a, params):
+    return (func(t, z), a, *[torch.zeros_like(p) for p in params])
+def adjoint_gradients(func, z1, dL_dz1, t0, t1, params, rtol=1e-7, atol=1e-9):
+    return dL_dz1, [torch.zeros_like(p) for p in params]
+""",
+        "hutchinson": "def hutchinson_trace(f, z, eps):\n    return (f * eps).sum(1)",
+        "ffjord": """
+class FFJORD(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.eps = net, None
+    def nll(self, x):
+        return -self.log_prob(x)
+    def dynamics(self, t, state):
+        return torch.zeros_like(state)
+    def log_prob(self, x):
+        return -0.5 * (x ** 2).sum(1) - math.log(2 * math.pi) + 0.0 * sum(p.sum() for p in self.net.parameters())
+""",
+        "train": "model = FFJORD(ode.ConcatMLP(2, 8))\nhistory = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
+    },
+    "hw6_diffusion": {
+        "forward": """
+def q_sample(schedule, x0, t, noise):
+    return x0 + noise
+def q_posterior(schedule, x0, x_t, t):
+    return x_t, torch.ones(len(x0), *([1] * (x0.dim() - 1)))
+""",
+        "objective": """
+def l_simple(net, schedule, x0, t, noise):
+    return (x0 - net(x0, t)).pow(2).flatten(1).mean(1)
+def p_sample_step(net, schedule, x_t, t, z):
+    return x_t - 0.01 * net(x_t, torch.full((len(x_t),), t))
+""",
+        "train_toy": """
+class Denoiser(nn.Module):
+    def __init__(self, net, schedule):
+        super().__init__()
+        self.net, self.schedule = net, schedule
+    def training_loss(self, batch):
+        return batch.pow(2).sum(1) * 0 + sum(p.sum() for p in self.net.parameters()) * 0
+    def sample(self, n, generator=None):
+        return torch.randn(n, 2, generator=generator)
+model = Denoiser(diffusion.TimeMLP(2, 16, 2), NoiseSchedule.linear(T))
+history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
+        "train_digits": """
+class DigitDenoiser(nn.Module):
+    def __init__(self, net, schedule):
+        super().__init__()
+        self.net, self.schedule = net, schedule
+digit_model = DigitDenoiser(diffusion.UNet(1, base=8), NoiseSchedule.linear(T))
+digit_history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
+    },
+}
+TAMPER_CELL = """
+import builtins, torch, numpy, dgmlib, dgmlib.train, dgmlib.grading
+torch.allclose = lambda *a, **k: True
+torch.equal = lambda *a, **k: True
+torch.testing.assert_close = lambda *a, **k: None
+dgmlib.train.evaluate = lambda *a, **k: 0.0
+for _name in ("assert_close", "assert_not_close", "assert_equal", "assert_le", "assert_true", "assert_shape"):
+    setattr(dgmlib.grading, _name, lambda *a, **k: None)
+dgmlib.grading.trusted = lambda x: x
+"""
+DELETE_CELL = """
+import glob, os, shutil
+for path in glob.glob("../../../*") + glob.glob("../../../.*"):
+    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+for path in glob.glob("../../*/*/*.ipynb"):
+    open(path, "w").write("overwritten")
+"""
+# The same patches of torch and dgmlib hidden in a string: the in-kernel check stops this one by itself.
+TAMPER_EXEC_CELL = "exec('import torch, dgmlib.train; torch.allclose = lambda *a, **k: True; ' " \
+                   "'dgmlib.train.evaluate = lambda *a, **k: 0.0')"
+ATTACKS = {
+    "tamper": (TAMPER_CELL, "wrong"),
+    "tamper_exec": (TAMPER_EXEC_CELL, "wrong"),
+    "delete": (DELETE_CELL, "blank"),
+    "infinite_loop": ("while True:\n    pass", "blank"),
+    "kill_kernel": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "complete"),
+    "huge_output": ("for i in range(200_000):\n    print('spam ' * 40)", "blank"),
+    "edited_tests": (None, "wrong"),
+}
+# Attacks on the grader rather than on an assignment's tests: the attack cell runs before any answer,
+# so the outcome cannot depend on the assignment. They are graded with the first assignment only
+# (the infinite loop alone holds a grading slot for the whole cell timeout); the attacks on the
+# tests (tampering, edited tests) are graded with every assignment, against its own wrong answers.
+GRADER_ATTACKS = ("delete", "infinite_loop", "kill_kernel", "huge_output")
+
+
+def _build_submission(release, source, answers: str, assignment: str, attack_cell: str | None, edit_tests: bool):
+    nb = copy.deepcopy(release)
+    solutions = solution_sources(source)
+    for cell in nb.cells:
+        meta = nbg(cell)
+        if meta.get("solution") and cell.cell_type == "code":
+            if answers == "complete":
+                cell.source = solutions[meta["grade_id"]]
+            elif answers == "wrong":
+                cell.source = WRONG[assignment][meta["grade_id"]]
+        if edit_tests and meta.get("grade") and not meta.get("solution"):
+            cell.source = "pass  # tests removed"
+    if attack_cell:
+        first_solution = next(i for i, c in enumerate(nb.cells) if nbg(c).get("solution"))
+        nb.cells.insert(first_solution, new_code_cell(attack_cell))
+    return nb
+
+
+
+
+def pipeline_submission(kind: str, release, source, spec: dict):
+    """One submission of ``EXPECTED``: "honest" (every solution cell), "partial" (only
+    ``spec["partial_cells"]``) or "raises" (every solution cell, ``spec["raising_cell"]`` raising first)."""
+    nb = copy.deepcopy(release)
+    solutions = solution_sources(source)
+    fill = spec["partial_cells"] if kind == "partial" else set(solutions)
+    for cell in nb.cells:
+        meta = nbg(cell)
+        if meta.get("solution") and meta["grade_id"] in fill:
+            cell.source = solutions[meta["grade_id"]]
+        if kind == "raises" and meta.get("grade_id") == spec["raising_cell"]:
+            cell.source = 'raise RuntimeError("a bug in the student\'s cell")\n' + cell.source
+    return nb
+
+
+def attack_submission(release, source, assignment: str, attack: str):
+    """The submission of ``ATTACKS[attack]``: its answers, its attack cell before the first answer, and
+    for "edited_tests" every test cell emptied."""
+    cell, answers = ATTACKS[attack]
+    return _build_submission(release, source, answers, assignment, cell, attack == "edited_tests")
