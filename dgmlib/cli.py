@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("--memory-mb", type=int, default=None, help="kernel memory limit in MiB (default: 6144)")
     gr.add_argument("--full", action="store_true", help="grade without fast mode (DGM_FAST=0)")
     gr.add_argument("--no-sandbox", action="store_true", help="run kernels without bubblewrap (unsafe)")
+    gr.add_argument("--similarity", type=float, default=None,
+                    help="share of code at which two submissions are reported as near-copies (default: 0.6)")
     args = parser.parse_args(argv)
 
     from dgmlib.models import MODELS
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         from dgmlib.grading.classroom import format_report, grade_assignment
 
         limits = {} if args.memory_mb is None else {"memory_mb": args.memory_mb}
+        if args.similarity is not None:
+            limits["similarity_threshold"] = args.similarity
         results = grade_assignment(args.assignment, Path(args.course), jobs=args.jobs, cell_timeout=args.timeout,
                                    submission_timeout=args.submission_timeout, fast=not args.full,
                                    use_sandbox=not args.no_sandbox, **limits)

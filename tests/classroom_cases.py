@@ -10,16 +10,19 @@ Every assignment is graded once, by ``dgm grade``, with all of them together (``
 from __future__ import annotations
 
 import copy
+import re
 
 from nbformat.v4 import new_code_cell
 
 from nbhelpers import nbg, solution_sources
 
 # What each pipeline submission must score on the autograded cells. "honest" is the complete solution;
+# "innocent" is the same solution as a student might write it (see INNOCENT) and scores the same;
 # "partial" fills in only the listed solution cells; "raises" is the full solution with `raising_cell`
 # made to raise first. Every other submission (the blank release, every attacker) must score 0.
 EXPECTED = {
     "hw2_flows": {
+        "assignment": "hw2_flows",
         "partial_cells": {"coupling"},
         "raising_cell": "coupling",
         "scores": {
@@ -29,6 +32,7 @@ EXPECTED = {
         },
     },
     "hw3_vae": {
+        "assignment": "hw3_vae",
         "partial_cells": {"bounds"},
         "raising_cell": "bounds",
         "scores": {
@@ -40,6 +44,7 @@ EXPECTED = {
         },
     },
     "hw5_neural_ode": {
+        "assignment": "hw5_neural_ode",
         "partial_cells": {"adjoint"},
         "raising_cell": "adjoint",
         "scores": {
@@ -51,6 +56,7 @@ EXPECTED = {
         },
     },
     "hw6_diffusion": {
+        "assignment": "hw6_diffusion",
         "partial_cells": {"forward"},
         "raising_cell": "objective",
         "scores": {
@@ -62,6 +68,28 @@ EXPECTED = {
         },
     },
 }
+# Grading the innocent solution costs a full training: it is graded with the first assignment only. The
+# review of every assignment's innocent solution is tested on its own (test_grading_security).
+EXPECTED["hw2_flows"]["scores"]["innocent"] = EXPECTED["hw2_flows"]["scores"]["honest"]
+
+# The complete solution in a student's own words, which the review must not flag: a comment that names
+# the reference answers and says "jacobian", a docstring, a helper function of its own, and a variable
+# renamed in one cell (a regex on names that are not attributes).
+INNOCENT = {
+    "hw2_flows": ("coupling", r"\blog_det\b", "log_abs_det"),
+    "hw3_vae": ("bounds", r"\blog_w\b", "log_importance_weights"),
+    "hw5_neural_ode": ("hutchinson", r"\beps_jac\b", "vjp_eps"),
+    "hw6_diffusion": ("objective", r"(?<!\.)\bmean\b", "posterior_mean"),
+}
+INNOCENT_HEADER = '''# My own code: I did not use dgmlib's reference answers, nor grading, sys or inspect; the jacobian
+# terms are worked out by hand.
+def _mine(value):
+    """A helper of my own (not AffineCoupling, kl_normal, odeint_adjoint or q_sample): returns value."""
+    return value
+
+
+_checked = _mine(1)
+'''
 
 # A wrong but running answer for every solution cell, so that tampering is what would earn points.
 WRONG = {
@@ -191,7 +219,108 @@ for path in glob.glob("../../*/*/*.ipynb"):
 # The same patches of torch and dgmlib hidden in a string: the in-kernel check stops this one by itself.
 TAMPER_EXEC_CELL = "exec('import torch, dgmlib.train; torch.allclose = lambda *a, **k: True; ' " \
                    "'dgmlib.train.evaluate = lambda *a, **k: 0.0')"
+# Errors hidden from nbgrader: the shell's custom exception handler swallows every exception.
+HIDE_ERRORS_CELL = """
+def _swallow(shell, etype, value, tb, tb_offset=None):
+    return None
+get_ipython().set_custom_exc((BaseException,), _swallow)
+"""
+# A stand-in for dgmlib.grading whose checks do nothing, reached without an import statement naming it:
+# the test cells' `from dgmlib import grading` then returns it.
+SWAP_GRADING_CELL = """
+import importlib
+_package = importlib.import_module("dgm" + "lib")
+class _StandIn:
+    def trusted(self, x):
+        return x
+    def randomised(self, module, seed=0, scale=0.3):
+        return module.double()
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+_package.grading = _StandIn()
+"""
+# The kernel's channels to the checker (the grader's socket, and the child process used without
+# dgm grade) replaced by objects that answer "ok" to every check.
+FORGE_CHANNEL_CELL = """
+import struct
+import dgmlib.grading as _g
+class _Channel:
+    def __init__(self):
+        self.pending = b""
+    def sendall(self, data):
+        self.pending += struct.pack("<q", 2) + b"ok"
+    def recv(self, n):
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return out
+class _Pipe:
+    def __init__(self, channel):
+        self.channel = channel
+    def write(self, data):
+        self.channel.sendall(data)
+    def read(self, n):
+        return self.channel.recv(n)
+    def flush(self):
+        pass
+class _Process:
+    def __init__(self):
+        channel = _Channel()
+        self.stdin, self.stdout = _Pipe(channel), _Pipe(channel)
+    def poll(self):
+        return None
+_g._connection = _Channel()
+_g._checker_process = _Process()
+"""
+# Delegating to dgmlib's reference implementation of the answer: only this cell is filled in (the
+# others raise), so the points it earns are those of the tests of this cell alone.
+REFERENCE = {
+    "hw2_flows": ("coupling", """
+class AffineCoupling(flows.Bijection):
+    def __init__(self, mask, net, scale_bound=3.0):
+        super().__init__(mask.shape)
+        self.inner = flows.AffineCoupling(mask, net, scale_bound)
+        self.register_buffer("mask", mask.float())
+        self.net = net
+    def forward(self, x):
+        return self.inner(x)
+    def inverse(self, z):
+        return self.inner.inverse(z)
+"""),
+    "hw3_vae": ("bounds", """
+def gaussian_kl(mu, log_var):
+    return vae.kl_normal_standard(mu, log_var)
+def elbo(model, y, generator=None):
+    recon, kl = model.elbo_terms(y, generator)
+    return recon - kl
+def iwae_bound(log_weights):
+    return vae.iwae_bound(log_weights)
+def iwae(model, y, k, generator=None):
+    return model.iwae(y, k, generator)
+"""),
+    "hw5_neural_ode": ("adjoint", """
+def augmented_dynamics(func, t, z, a, params):
+    f, a_dot, param_dots, _ = ode.augmented_dynamics(func, t, z, a, list(params))
+    return (f, a_dot, *param_dots)
+def adjoint_gradients(func, z1, dL_dz1, t0, t1, params, rtol=1e-7, atol=1e-9):
+    params = list(params)
+    state = (z1, dL_dz1, *[torch.zeros_like(p) for p in params])
+    times = torch.tensor([t1, t0], dtype=z1.dtype, device=z1.device)
+    solution = torchdiffeq.odeint(lambda t, s: augmented_dynamics(func, t, s[0], s[1], params), state, times,
+                                  method="dopri5", rtol=rtol, atol=atol)
+    return solution[1][-1], [x[-1] for x in solution[2:]]
+"""),
+    "hw6_diffusion": ("forward", """
+def q_sample(schedule, x0, t, noise):
+    return diffusion.q_sample(schedule, x0, t, noise)
+def q_posterior(schedule, x0, x_t, t):
+    mean, var, _ = diffusion.q_posterior_mean_variance(schedule, x0, x_t, t)
+    return mean, var
+"""),
+}
 ATTACKS = {
+    "hide_errors": (HIDE_ERRORS_CELL, "wrong"),
+    "swap_grading": (SWAP_GRADING_CELL, "wrong"),
+    "forge_channel": (FORGE_CHANNEL_CELL, "wrong"),
+    "reference": (None, "reference"),
     "tamper": (TAMPER_CELL, "wrong"),
     "tamper_exec": (TAMPER_EXEC_CELL, "wrong"),
     "delete": (DELETE_CELL, "blank"),
@@ -200,6 +329,8 @@ ATTACKS = {
     "huge_output": ("for i in range(200_000):\n    print('spam ' * 40)", "blank"),
     "edited_tests": (None, "wrong"),
 }
+# Attacks that leave no passing receipt for any test cell: stopped by the receipts alone, before the review.
+RECEIPT_ATTACKS = ("hide_errors", "swap_grading", "forge_channel")
 # Attacks on the grader rather than on an assignment's tests: the attack cell runs before any answer,
 # so the outcome cannot depend on the assignment. They are graded with the first assignment only
 # (the infinite loop alone holds a grading slot for the whole cell timeout); the attacks on the
@@ -217,6 +348,8 @@ def _build_submission(release, source, answers: str, assignment: str, attack_cel
                 cell.source = solutions[meta["grade_id"]]
             elif answers == "wrong":
                 cell.source = WRONG[assignment][meta["grade_id"]]
+            elif answers == "reference" and meta["grade_id"] == REFERENCE[assignment][0]:
+                cell.source = REFERENCE[assignment][1]
         if edit_tests and meta.get("grade") and not meta.get("solution"):
             cell.source = "pass  # tests removed"
     if attack_cell:
@@ -228,15 +361,24 @@ def _build_submission(release, source, answers: str, assignment: str, attack_cel
 
 
 def pipeline_submission(kind: str, release, source, spec: dict):
-    """One submission of ``EXPECTED``: "honest" (every solution cell), "partial" (only
-    ``spec["partial_cells"]``) or "raises" (every solution cell, ``spec["raising_cell"]`` raising first)."""
+    """One submission of ``EXPECTED``: "honest" (every solution cell), "innocent" (the same in a student's
+    own words), "partial" (only ``spec["partial_cells"]``) or "raises" (every solution cell,
+    ``spec["raising_cell"]`` raising first)."""
     nb = copy.deepcopy(release)
     solutions = solution_sources(source)
     fill = spec["partial_cells"] if kind == "partial" else set(solutions)
+    first = True
     for cell in nb.cells:
         meta = nbg(cell)
         if meta.get("solution") and meta["grade_id"] in fill:
             cell.source = solutions[meta["grade_id"]]
+            if kind == "innocent":
+                renamed, pattern, new_name = INNOCENT[spec["assignment"]]
+                if meta["grade_id"] == renamed:
+                    cell.source = re.sub(pattern, new_name, cell.source)
+                if first:
+                    cell.source = INNOCENT_HEADER + "\n\n" + cell.source
+                first = False
         if kind == "raises" and meta.get("grade_id") == spec["raising_cell"]:
             cell.source = 'raise RuntimeError("a bug in the student\'s cell")\n' + cell.source
     return nb

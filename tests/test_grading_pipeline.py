@@ -23,7 +23,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from classroom_cases import ATTACKS, EXPECTED, GRADER_ATTACKS, attack_submission, pipeline_submission
+from classroom_cases import (ATTACKS, EXPECTED, GRADER_ATTACKS, RECEIPT_ATTACKS, attack_submission,
+                             pipeline_submission)
 from dgmlib.cli import main
 from dgmlib.grading import classroom, sandbox
 from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points
@@ -88,10 +89,12 @@ def test_release_leaks_no_solution(name):
 def test_grading_a_class(tmp_path, name):
     """One ``dgm grade`` pass over a class: exact per-cell scores, and no attacker earns a point.
 
-    The class (``classroom_cases``): the honest solution, the blank release, a partial submission, one
-    whose cell raises, and one submission per attack on the tests; for the first assignment also the
-    attacks on the grader (deleting the course, an endless loop, killing the kernel, flooding the
-    output). They are graded together, 2 at a time, with the instructor's command as the README gives it.
+    The class (``classroom_cases``): the honest solution (for the first assignment also the same in a
+    student's own words), the blank release, a partial submission, one whose cell raises, and one submission per attack on the tests
+    (hidden errors, a swapped grading module, a forged checker channel, a wrapped reference answer,
+    patched torch, edited tests); for the first assignment also the attacks on the grader (deleting
+    the course, an endless loop, killing the kernel, flooding the output). They are graded together,
+    2 at a time, with the instructor's command as the README gives it.
     """
     course = make_course(tmp_path / "course")
     spec = EXPECTED[name]
@@ -109,7 +112,9 @@ def test_grading_a_class(tmp_path, name):
         folder.mkdir(parents=True)
         nbformat.write(nb, folder / notebook_file.name)
 
-    assert main(["grade", name, "--course", str(course), "--jobs", "2", "--timeout", "90"]) == 0
+    # The cell timeout bounds the endless loop (hw2); its training cell needs under 10 s on a quiet machine.
+    timeout = "60" if grader_attacks else "300"
+    assert main(["grade", name, "--course", str(course), "--jobs", "2", "--timeout", timeout]) == 0
     reported = json.loads((course / "reports" / f"{name}.json").read_text())
     results = {r["student"]: classroom.StudentResult(**r) for r in reported}
     report = classroom.format_report(name, list(results.values()))
@@ -135,10 +140,27 @@ def test_grading_a_class(tmp_path, name):
         total = sum(spec["scores"].get(student, {}).values())
         assert float(rows[student]["score"]) == total and results[student].score == total, f"{student}\n{report}"
         assert float(rows[student]["max_score"]) == max_score or student == "kill_kernel"
-    assert not results["honest"].flagged and not results["honest"].failure, report
+    for student in {"honest", "innocent"} & set(submissions):
+        assert not results[student].flagged and not results[student].failure, report
+        assert not results[student].unverified, report
 
-    # what stopped each attack is visible in the report
-    assert results["tamper"].flagged and results["tamper_exec"].flagged
+    # what stopped each attack is visible in the report. The receipts alone: no test cell of these
+    # earned its points before the review zeroed the submission (auto_score is nbgrader's own score).
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        for attack in RECEIPT_ATTACKS:
+            autos = {cell: gb.find_grade(cell, notebook_file.stem, name, attack).auto_score for cell in auto_cells}
+            assert set(autos.values()) == {0}, f"{attack}: {autos}\n{report}"
+            assert sorted(u.split(" (")[0] for u in results[attack].unverified) == sorted(auto_cells), report
+    # ... and the review flags every attacker, the reference answer by its name
+    for attack in ATTACKS:
+        if attack not in GRADER_ATTACKS and attack != "edited_tests":
+            assert results[attack].flagged, f"{attack} was not flagged\n{report}"
+    assert any("an answer of this assignment" in f for f in results["reference"].flagged), report
+    # the wrapped reference passes the tests of its own cell with genuine receipts: the review stops it
+    assert results["reference"].autograded_before_review > 0, report
+    # copies are reported, never zeroed: the solution itself, and the blank release copies nothing
+    assert any(s.startswith(f"solutions/{name} ") for s in results["honest"].similar), report
+    assert not results["blank"].similar, report
     # in the kernel, every test cell of the exec-hidden tamper failed on its own
     assert all(any(c.startswith(f"{g} (TamperingError)") for c in results["tamper_exec"].crashed)
                for g in auto_cells), report

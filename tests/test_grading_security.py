@@ -1,4 +1,5 @@
-"""Trustworthy autograding: the checks, the tamper detection and the sandbox, one mechanism at a time.
+"""Trustworthy autograding, one mechanism at a time: the checks, the receipts, the static review, the
+similarity report and the sandbox.
 
 The end-to-end grading of a class under attack is in ``test_grading_pipeline.test_grading_a_class``:
 each assignment's honest, partial and broken submissions and its attackers are graded in one
@@ -7,7 +8,6 @@ each assignment's honest, partial and broken submissions and its attackers are g
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import subprocess
@@ -17,11 +17,11 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from nbformat.v4 import new_code_cell
 
 from dgmlib import grading
-from dgmlib.grading import classroom, sandbox
+from dgmlib.grading import classroom, receipts, review, sandbox, similarity
 
+from classroom_cases import EXPECTED, pipeline_submission
 from nbhelpers import ASSIGNMENTS, ROOT, make_course
 HAS_BWRAP = sandbox.bwrap_path() is not None
 
@@ -72,20 +72,171 @@ def test_replaced_machinery_is_detected(monkeypatch, target, attr):
         grading.assert_close(torch.ones(2), torch.ones(2))
 
 
-def test_static_flags(tmp_path):
-    release = nbformat.read(ROOT / "assignments" / "hw2_flows" / "hw2_flows.ipynb", as_version=4)
-    nb = copy.deepcopy(release)
-    nb.cells.append(new_code_cell("import torch as T\nT.allclose = None\nsetattr(T, 'equal', None)\n"
-                                  "import sys\nsys.modules['x'] = 1\nplt.rcParams['figure.dpi'] = 80\nself_x = 1"))
-    path = tmp_path / "nb.ipynb"
-    nbformat.write(nb, path)
-    flags = classroom.flag_tampering(path)
-    assert any("assigns T.allclose" in f for f in flags)
-    assert any("setattr on T" in f for f in flags)
-    assert any("sys.modules" in f for f in flags)
-    assert not any("rcParams" in f for f in flags)
-    nbformat.write(release, path)
-    assert classroom.flag_tampering(path) == []  # the release itself is clean
+# ---------------------------------------------------------------- receipts: verdicts kept by the grader
+
+
+@pytest.fixture
+def grader_checker(tmp_path, monkeypatch):
+    """A CheckerServer, as ``dgm grade`` runs it, with this process's ``dgmlib.grading`` talking to it."""
+    server = receipts.CheckerServer(tmp_path / "checker")
+    monkeypatch.setattr(grading, "_SOCKET_PATH", server.path)
+    monkeypatch.setitem(grading._OWN_GLOBALS, "_SOCKET_PATH", server.path)  # the kernel reads it at import
+    monkeypatch.setattr(grading, "_connection", None)
+    yield server
+    server.close()
+
+
+def test_every_check_leaves_a_receipt_with_its_line(grader_checker):
+    cell = ("x = torch.ones(3)\n"
+            "grading.assert_close(x, x + 1e-9)\n"
+            "grading.assert_shape(x,\n"
+            "                     (3,))\n"
+            "grading.assert_true(bool(x.sum() == 3))\n")
+    exec(compile(cell, "<cell>", "exec"), {"torch": torch, "grading": grading})
+    got = grader_checker.since(0)
+    assert [(r.api, r.line, r.passed) for r in got] == [("assert_close", 2, True), ("assert_shape", 3, True),
+                                                        ("assert_true", 5, True)]
+    assert receipts.verify_cell(cell, got) is None
+    with pytest.raises(AssertionError, match="values differ"):
+        grading.assert_close(torch.ones(2), torch.zeros(2))
+    assert not grader_checker.since(3)[0].passed
+
+
+def test_unverified_cells():
+    cell = "\n\ngrading.assert_close(a, b)\nfor i in range(2):\n    grading.assert_le(i, 5)\n"
+    ok = [receipts.Receipt("assert_close", 1, True, "ok"), receipts.Receipt("assert_le", 3, True, "ok")]
+    # IPython drops the leading blank lines before it compiles the cell: line 1 is the first call
+    assert [(s.api, s.first_line) for s in receipts.call_sites(cell)] == [("assert_close", 1), ("assert_le", 3)]
+    assert receipts.verify_cell(cell, ok + ok[1:]) is None
+    assert "no receipt for assert_le" in receipts.verify_cell(cell, ok[:1])  # a stand-in module or a hidden error
+    assert "no receipt" in receipts.verify_cell(cell, [receipts.Receipt("assert_close", 7, True, "ok")] + ok[1:])
+    assert "out of order" in receipts.verify_cell(cell, ok[::-1])
+    failed = receipts.Receipt("assert_le", 3, False, "9 is not <= 5")
+    assert "failed: 9 is not <= 5" in receipts.verify_cell(cell, ok + [failed])  # passed once, failed later
+    assert "makes no dgmlib.grading check" in receipts.verify_cell("print(1)", [])
+    # a check inside a function of the cell only needs its receipt, wherever it was called from
+    helper = "def check(v):\n    grading.assert_le(v, 1)\ngrading.assert_true(True)\ncheck(0)\n"
+    assert receipts.verify_cell(helper, [receipts.Receipt("assert_true", 3, True, "ok"),
+                                         receipts.Receipt("assert_le", 2, True, "ok")]) is None
+
+
+def test_every_test_cell_makes_a_check():
+    """A test cell without a grading check could not be vouched for by receipts, and would always score 0."""
+    for name in ASSIGNMENTS:
+        for path in sorted((ROOT / "solutions" / name).glob("*.ipynb")):
+            for cell in nbformat.read(path, as_version=4).cells:
+                meta = cell.metadata.get("nbgrader", {})
+                if meta.get("grade") and not meta.get("solution"):
+                    assert receipts.call_sites(cell.source), f"{name} {meta['grade_id']} makes no check"
+
+
+def test_malformed_requests_are_failed_checks(tmp_path):
+    server = receipts.CheckerServer(tmp_path / "checker")
+    try:
+        assert server.decide([b"close", b"short"]).startswith(b"malformed check")
+        assert not server.receipts[0].passed
+    finally:
+        server.close()
+    assert not (tmp_path / "checker").exists()
+
+
+# ---------------------------------------------------------------- static review by allowlist
+
+HW2 = review.Policy(("dgmlib.flows", "dgmlib.train"), {"*": ("dgmlib.flows.AffineCoupling",)})
+HW2 = review.Policy(("dgmlib.flows", "dgmlib.train"), {"*": ("dgmlib.flows.AffineCoupling",)})
+INNOCENT = '''
+# Like flows.AffineCoupling in dgmlib, but my own: the jacobian is triangular, so its log-det is a sum.
+import math
+from torch import nn
+from dgmlib import flows
+
+
+def _bounded(raw, bound):
+    """Soft clamp of the log-scale; my helper, not AffineCoupling's."""
+    return bound * torch.tanh(raw / bound)
+
+
+class AffineCoupling(flows.Bijection):
+    def __init__(self, mask, net, scale_bound=3.0):
+        super().__init__(mask.shape)
+        self.register_buffer("mask", mask.float())
+        self.net, self._bound = net, scale_bound
+
+    def forward(self, x):
+        log_scale, shift = self.net(self.mask * x).unbind(1)
+        log_scale = (1 - self.mask) * _bounded(log_scale, self._bound)
+        for _ in range(1):
+            pass
+        return x * torch.exp(log_scale) + (1 - self.mask) * shift, log_scale.flatten(1).sum(1)
+'''
+
+
+def test_innocent_code_is_never_flagged():
+    assert review.review_source([("coupling", "", INNOCENT)], HW2) == []
+
+
+@pytest.mark.parametrize("code, flag", [
+    ("import os", "imports os, which this assignment does not allow"),
+    ("from dgmlib import grading", "imports dgmlib.grading"),
+    ("x = grading.assert_close", "uses grading (the test machinery)"),
+    ("import importlib\nm = importlib.import_module('dgmlib')", "imports importlib"),
+    ("m = torch.sys.modules", "reaches torch.sys"),
+    ("f = getattr(torch, 'sys')", "names 'sys' in a string"),
+    ("f = getattr(torch, name)", "with a name that is not a literal string"),
+    ("v = vars(flows)", "calls vars()"),
+    ("get_ipython().set_custom_exc((Exception,), None)", "uses get_ipython"),
+    ("!rm -rf /", "IPython magic or shell command"),
+    ("c = model.__class__", "reads the private attribute model.__class__"),
+    ("b = __builtins__", "uses the name __builtins__"),
+    ("torch.allclose = None", "assigns torch.allclose"),
+    ("from . import x", "relative import"),
+    ("layer = flows.AffineCoupling(mask, net)", "an answer of this assignment (dgmlib.flows.AffineCoupling)"),
+    ("F = flows\nlayer = F.AffineCoupling(mask, net)", "refers to F.AffineCoupling"),
+    ("from dgmlib.flows import AffineCoupling as Mine", "imports AffineCoupling, an answer"),
+    ("cls = getattr(flows, 'AffineCoupling')", "names 'AffineCoupling' in a string"),
+])
+def test_review_flags(code, flag):
+    flags = review.review_source([("coupling", "", code)], HW2)
+    assert any(flag in f for f in flags), flags
+
+
+def test_policies_of_the_assignments(tmp_path):
+    """Every assignment declares its policy; its solution, its release and its solution in a student's own
+    words (a comment naming the answers, a helper, a renamed variable) pass their own review."""
+    for name in ASSIGNMENTS:
+        for path in sorted((ROOT / "solutions" / name).glob("*.ipynb")):
+            policy = review.Policy.from_notebook(json.loads(path.read_text()))
+            assert policy.imports and policy.answers["*"], name
+            assert review.review_notebook(path, policy) == [], name
+            release = ROOT / "assignments" / name / path.name
+            assert review.review_notebook(release, policy) == [], name
+            innocent = pipeline_submission("innocent", nbformat.read(release, as_version=4),
+                                           nbformat.read(path, as_version=4), EXPECTED[name])
+            nbformat.write(innocent, tmp_path / path.name)
+            assert "_mine(" in (tmp_path / path.name).read_text()
+            assert review.review_notebook(tmp_path / path.name, policy) == [], name
+    with pytest.raises(TypeError, match="dgm_grading"):
+        review.Policy.from_notebook({"metadata": {"dgm_grading": {"imports": "torch"}}})
+
+
+# ---------------------------------------------------------------- similarity (copydetect)
+
+
+def test_similarity_finds_renamed_copies_and_copies_of_dgmlib():
+    flows_source = (Path(grading.__file__).parents[1] / "flows.py").read_text()
+    start = flows_source.index("class AffineCoupling")
+    copied = flows_source[start:flows_source.index("\nclass ", start + 10)]
+    renamed = (INNOCENT.replace("log_scale", "s").replace("shift", "t").replace("_bounded", "soft")
+               .replace("# Like", "# Unlike"))
+    other = "def f(a, b):\n    total = 0\n    for i in range(a):\n        total += i * b\n    return total\n"
+    pairs = similarity.similar_pairs({"ann": INNOCENT, "bob": renamed, "cy": copied, "dee": other, "eve": ""},
+                                     {"dgmlib/flows.py": flows_source}, boilerplate="import math\n")
+    found = {(p.first, p.second) for p in pairs}
+    assert ("ann", "bob") in found and ("cy", "dgmlib/flows.py") in found
+    assert not any("dee" in pair or "eve" in pair for pair in found)
+    assert all(max(p.first_share, p.second_share) >= similarity.DEFAULT_THRESHOLD for p in pairs)
+    with pytest.raises(ValueError, match="threshold"):
+        similarity.similar_pairs({}, threshold=0)
 
 
 @pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")

@@ -1,25 +1,33 @@
-"""Assertions for assignment tests that a submission cannot fool from inside its kernel.
+"""Assertions for assignment tests, with verdicts that a submission cannot forge from inside its kernel.
 
 Student code runs in the same kernel as the tests, so it can redefine anything a test relies on:
-``torch.allclose = lambda *a, **k: True``, ``train.evaluate = ...``, ``builtins.all = ...``, or a
-tensor subclass whose ``__torch_function__`` lies. Test cells therefore compare only through
-these functions, which
+``torch.allclose = lambda *a, **k: True``, ``train.evaluate = ...``, ``builtins.all = ...``, a
+tensor subclass whose ``__torch_function__`` lies, ``dgmlib.grading`` itself, or the shell's handling
+of exceptions. Test cells therefore compare only through these functions, and every check they make
+is decided outside the kernel:
 
-1. check that the comparison machinery is the original: every protected callable (comparison
-   and reduction functions of torch, numpy, math and builtins, every public function and method of
-   dgmlib, and this module's own globals) is still the object captured when this module was first
-   imported, and that object is genuine (implemented in C, or compiled from the file of the
-   package it belongs to, not from a notebook cell); otherwise they raise ``TamperingError``;
-2. accept only exact ``torch.Tensor``, ``numpy.ndarray`` or built-in numbers (no subclasses) and
-   copy them with captured functions;
-3. do the numerical comparison in a separate clean process (``python -I _checker.py``, numpy only), so a
-   patched comparison inside the kernel cannot change the verdict.
+1. The comparison is done by a clean checker (numpy only, never student code). Under ``dgm grade``
+   the checker runs in the grader's own process, outside the sandbox, and listens on a Unix socket
+   (``DGM_CHECKER_SOCKET``); it records a *receipt* for every check: the function (``assert_close``),
+   the line of the test cell that called it, and the verdict. A test cell earns its points only if
+   the grader holds a passing receipt for every check written in the cell and no failing one
+   (``dgmlib.grading.receipts``). A stand-in grading module, a forged channel or a hidden exception
+   leaves no passing receipt, so it earns nothing. Without ``dgm grade`` (a student running the
+   notebook, ``nbgrader validate``) the checker is a child process (``python -I _checker.py``): the
+   verdicts are the same, but nothing outside the kernel keeps them.
+2. Before a check is sent, the comparison machinery is checked to be the original: every protected
+   callable (comparison and reduction functions of torch, numpy, math and builtins, every public
+   function and method of dgmlib, and this module's own globals) is still the object captured when
+   this module was first imported, and that object is genuine (implemented in C, or compiled from
+   the file of the package it belongs to); otherwise ``TamperingError``. This gives an early, clear
+   failure in the kernel; the receipts are what the score rests on.
+3. Only exact ``torch.Tensor``, ``numpy.ndarray`` or built-in numbers (no subclasses) are accepted,
+   copied with captured functions.
 
-Every assertion failure is an ``AssertionError``, so nbgrader scores the cell zero. The sandboxed
-grading kernel imports this module before any notebook cell runs, so the snapshot is taken before
-student code can patch anything. The grading
-report also flags submissions that assign to attributes of imported modules
-(``dgmlib.grading.classroom.flag_tampering``). Source: the course's issue 6; the design is ours.
+Every failure is an ``AssertionError``. The grading report also flags submissions whose code goes
+beyond what the assignment allows (``dgmlib.grading.review``): a student who sends chosen values to
+the genuine checker gets receipts, but not past that review. Source: the course's issues 6 and 12;
+the design is ours.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from __future__ import annotations
 import atexit
 import builtins
 import math
+import os
+import socket
 import struct
 import subprocess
 import sys
@@ -134,7 +144,11 @@ _type, _len, _tuple, _int, _float, _bool = type, len, tuple, int, float, bool
 _detach, _cpu, _to_numpy, _size = torch.Tensor.detach, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.size
 _ascontiguous = numpy.ascontiguousarray
 _Popen, _PIPE, _pack, _unpack = subprocess.Popen, subprocess.PIPE, struct.pack, struct.unpack
-_checker: subprocess.Popen | None = None
+_checker_process: subprocess.Popen | None = None
+_connection: socket.socket | None = None
+_SOCKET_PATH = os.environ.get("DGM_CHECKER_SOCKET", "")  # the grader's checker, read once at import
+_socket_type, _AF_UNIX, _SOCK_STREAM = socket.socket, socket.AF_UNIX, socket.SOCK_STREAM
+_getframe, _THIS_FILE = sys._getframe, __file__
 _CHECKER_SCRIPT = __file__.rsplit("__init__.py", 1)[0] + "_checker.py"
 
 
@@ -167,22 +181,22 @@ def trusted(x: object) -> torch.Tensor:
 
 def assert_close(actual: object, expected: object, *, atol: float = 1e-6, rtol: float = 1e-5, msg: str = "") -> None:
     """Assert ``|actual - expected| <= atol + rtol |expected|`` elementwise, same shape, no NaN."""
-    _compare("close", actual, expected, atol, rtol, msg)
+    _check("assert_close", "close", actual, expected, atol, rtol, msg)
 
 
 def assert_not_close(actual: object, other: object, *, atol: float = 1e-6, rtol: float = 1e-5, msg: str = "") -> None:
     """Assert that ``actual`` is NOT elementwise close to ``other`` (same shape required)."""
-    _compare("not_close", actual, other, atol, rtol, msg)
+    _check("assert_not_close", "not_close", actual, other, atol, rtol, msg)
 
 
 def assert_equal(actual: object, expected: object, msg: str = "") -> None:
     """Assert exact equality of shape and every value."""
-    _compare("equal", actual, expected, 0.0, 0.0, msg)
+    _check("assert_equal", "equal", actual, expected, 0.0, 0.0, msg)
 
 
 def assert_le(value: object, bound: float, msg: str = "") -> None:
     """Assert that a number (or a 1-element tensor) is finite and ``<= bound``."""
-    _compare("le", value, bound, 0.0, 0.0, msg)
+    _check("assert_le", "le", value, bound, 0.0, 0.0, msg)
 
 
 def assert_true(condition: object, msg: str = "") -> None:
@@ -190,16 +204,15 @@ def assert_true(condition: object, msg: str = "") -> None:
     verify_untampered()
     if _type(condition) not in (_bool, numpy.bool_):
         raise AssertionError(f"condition must be a bool, got {_type(condition).__name__}")
-    if not condition:
-        raise AssertionError(msg or "condition is False")
+    _check("assert_true", "true", _float(_bool(condition)), 1.0, 0.0, 0.0, msg)
 
 
 def assert_shape(x: object, shape: tuple[int, ...], msg: str = "") -> None:
     """Assert that ``x`` is an exact ``torch.Tensor`` of shape ``shape``."""
     t = trusted(x)
-    got = _tuple(_int(d) for d in _size(t))
-    if got != _tuple(shape):
-        raise AssertionError(msg or f"shape {got} != expected {_tuple(shape)}")
+    got = numpy.array([_int(d) for d in _size(t)], dtype=numpy.int64)
+    want = numpy.array([_int(d) for d in shape], dtype=numpy.int64)
+    _check("assert_shape", "shape", got, want, 0.0, 0.0, msg)
 
 
 def randomised(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
@@ -225,37 +238,74 @@ def _as_array(x: object) -> numpy.ndarray:
     raise AssertionError(f"tests compare plain tensors, arrays or numbers, got {_type(x).__name__}")
 
 
-def _compare(op: str, a: object, b: object, atol: float, rtol: float, msg: str) -> None:
+def _call_site() -> int:
+    """The line, in the test cell, of the code that called the public check (first frame outside this file)."""
+    frame = _getframe(1)
+    while frame is not None and frame.f_code.co_filename == _THIS_FILE:
+        frame = frame.f_back
+    return frame.f_lineno if frame is not None else 0
+
+
+def _check(api: str, op: str, a: object, b: object, atol: float, rtol: float, msg: str) -> None:
+    """Send one check to the checker: ``[op, tolerances, array a, array b, api, line]``; raise unless ok."""
     verify_untampered()
     arrays = [_as_array(a), _as_array(b)]
     payload = [op.encode(), _pack("<dd", _float(atol), _float(rtol))]
     for arr in arrays:
         payload += [arr.dtype.str.encode(), _pack(f"<{_len(arr.shape) + 1}q", _len(arr.shape), *arr.shape),
                     arr.tobytes()]
+    payload += [api.encode(), _pack("<q", _call_site())]
     verdict = _ask_checker(payload)
     if verdict != b"ok":
         raise AssertionError(f"{msg}: {verdict.decode()}" if msg else verdict.decode())
 
 
 def _ask_checker(parts: list[bytes]) -> bytes:
-    """Send length-prefixed parts to the clean checker process; return its one-message verdict."""
-    global _checker
-    if _checker is None or _checker.poll() is not None:
-        # Run by path, not with -m: importing this package would import torch (and take seconds).
-        _checker = _Popen([sys.executable, "-I", _CHECKER_SCRIPT], stdin=_PIPE, stdout=_PIPE)
+    """Send length-prefixed parts to the clean checker; return its one-message verdict.
+
+    The grader's checker (``DGM_CHECKER_SOCKET``, set by ``dgm grade``) when there is one, else a
+    child process of this kernel.
+    """
+    global _checker_process, _connection
     message = _pack("<q", _len(parts)) + b"".join(_pack("<q", _len(p)) + p for p in parts)
-    _checker.stdin.write(message)
-    _checker.stdin.flush()
-    (size,) = _unpack("<q", _checker.stdout.read(8))
-    return _checker.stdout.read(size)
+    if _SOCKET_PATH:
+        try:
+            if _connection is None:
+                _connection = _socket_type(_AF_UNIX, _SOCK_STREAM)
+                _connection.connect(_SOCKET_PATH)
+            _connection.sendall(message)
+            (size,) = _unpack("<q", _receive(_connection, 8))
+            return _receive(_connection, size)
+        except OSError as err:
+            _connection = None
+            raise AssertionError(f"the grader's checker cannot be reached ({err})") from None
+    if _checker_process is None or _checker_process.poll() is not None:
+        # Run by path, not with -m: importing this package would import torch (and take seconds).
+        _checker_process = _Popen([sys.executable, "-I", _CHECKER_SCRIPT], stdin=_PIPE, stdout=_PIPE)
+    _checker_process.stdin.write(message)
+    _checker_process.stdin.flush()
+    (size,) = _unpack("<q", _checker_process.stdout.read(8))
+    return _checker_process.stdout.read(size)
+
+
+def _receive(connection: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = connection.recv(min(left, 1 << 20))
+        if not chunk:
+            raise OSError("the checker closed the connection")
+        chunks.append(chunk)
+        left -= _len(chunk)
+    return b"".join(chunks)
 
 
 def _close_checker() -> None:
-    if _checker is not None and _checker.poll() is None:
-        _checker.stdin.close()  # the checker exits at end of input
-        _checker.wait(timeout=5)
-        _checker.stdout.close()
+    if _checker_process is not None and _checker_process.poll() is None:
+        _checker_process.stdin.close()  # the checker exits at end of input
+        _checker_process.wait(timeout=5)
+        _checker_process.stdout.close()
 
 
 atexit.register(_close_checker)
-_OWN_GLOBALS = {name: obj for name, obj in globals().items() if not name.startswith("__") and name != "_checker"}
+_OWN_GLOBALS = {name: obj for name, obj in globals().items()
+                if not name.startswith("__") and name not in ("_checker_process", "_connection")}

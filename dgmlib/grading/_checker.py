@@ -1,7 +1,9 @@
 """The clean comparison process behind ``dgmlib.grading`` (run as ``python -I path/to/_checker.py``).
 
 It imports numpy only, never runs student code, and answers each request of
-``[op, (atol, rtol), dtype_a, shape_a, bytes_a, dtype_b, shape_b, bytes_b]`` with ``ok`` or a reason.
+``[op, (atol, rtol), dtype_a, shape_a, bytes_a, dtype_b, shape_b, bytes_b, api, line]`` with ``ok`` or
+a reason. The same ``verdict`` decides the checks in the grader's process under ``dgm grade``
+(``dgmlib.grading.receipts``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ def verdict(parts: list[bytes]) -> str:
     op = parts[0].decode()
     atol, rtol = struct.unpack("<dd", parts[1])
     a, b = _array(*parts[2:5]), _array(*parts[5:8])
+    if op == "true":
+        return "ok" if a.size == 1 and a.item() == 1.0 else "condition is False"
+    if op == "shape":
+        got, want = tuple(int(d) for d in a.ravel()), tuple(int(d) for d in b.ravel())
+        return "ok" if got == want else f"shape {got} != expected {want}"
     if op == "le":
         if a.size != 1 or not np.isfinite(a).all():
             return f"expected one finite number, got shape {a.shape}"

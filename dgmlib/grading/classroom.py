@@ -4,14 +4,17 @@ Each student is graded by their own ``nbgrader autograde ASSIGNMENT --student ID
 ``jobs`` at a time, with the notebook executed in the sandboxed kernel (``dgmlib.grading.sandbox``)
 and private runtime folders, so one failure or attack never stops or changes another student's
 grading. A submission that outlives its wall-clock limit has its whole process group killed.
-At the end ``nbgrader export`` writes the CSV, and a report lists, per student, the score and any
-cell that timed out, crashed or was flagged (assignments to attributes of imported modules and
-similar tampering found by reading the submitted code).
+Each ``nbgrader autograde`` runs through ``dgmlib.grading.receipts``: the checker of the tests runs in
+the grader, and a test cell scores only with the receipts of its checks. After grading, every
+submission's code is reviewed against what the assignment allows (``dgmlib.grading.review``;
+flagged submissions are zeroed pending review, with nbgrader's manual override), and near-copies
+among submissions, of dgmlib and of the solutions are listed (``dgmlib.grading.similarity``; never
+zeroed). At the end ``nbgrader export`` writes the CSV, and a report lists, per student, the score
+and any cell that timed out, crashed, was scored 0 for want of receipts, or was flagged.
 """
 
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import os
@@ -25,11 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dgmlib.grading import sandbox
-
-_SUSPICIOUS_NAMES = {"__builtins__", "__import__", "builtins", "sys.modules", "ctypes", "gc.get_referrers",
-                     "gc.get_objects", "sys._getframe", "inspect.currentframe", "exec", "eval", "compile"}
-_SUSPICIOUS_ATTRS = {"__code__", "__closure__", "__globals__", "__dict__", "__class__", "__torch_function__"}
+import dgmlib
+from dgmlib.grading import review, sandbox, similarity
 
 
 @dataclass
@@ -42,81 +42,18 @@ class StudentResult:
     seconds: float = 0.0
     timed_out: list[str] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
     flagged: list[str] = field(default_factory=list)
+    autograded_before_review: float | None = None
+    similar: list[str] = field(default_factory=list)
     failure: str = ""
-
-
-def flag_tampering(notebook_path: Path) -> list[str]:
-    """Read the student's code cells (solution cells and cells they added) and list tampering.
-
-    Flags: assigning to or deleting an attribute of an imported module (``torch.allclose = ...``),
-    ``setattr``/``delattr``/``vars`` on one, running code from strings (``exec``, ``eval``,
-    ``compile``), and reaching for interpreter internals (``builtins``, ``sys.modules``, ``__code__``,
-    ``__torch_function__``, ...). Cells that do not parse are flagged too.
-
-    Returns:
-        human-readable flags such as ``"cell coupling: assigns torch.allclose"``.
-    """
-    nb = json.loads(Path(notebook_path).read_text())
-    cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
-    modules: set[str] = set()
-    parsed = []
-    for i, cell in enumerate(cells):
-        meta = cell.get("metadata", {}).get("nbgrader", {})
-        source = "".join(cell.get("source", ""))
-        source = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
-        name = meta.get("grade_id", f"#{i + 1} (added by the student)")
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            tree = None
-        for node in ast.walk(tree) if tree else ():
-            if isinstance(node, ast.Import):
-                modules.update((a.asname or a.name).split(".")[0] for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                modules.update(a.asname or a.name for a in node.names)
-        student_code = meta.get("solution", False) or not meta
-        parsed.append((name, tree, student_code))
-    flags: list[str] = []
-    for name, tree, student_code in parsed:
-        if not student_code:
-            continue
-        if tree is None:
-            flags.append(f"cell {name}: does not parse")
-            continue
-        for node in ast.walk(tree):
-            targets = []
-            if isinstance(node, (ast.Assign, ast.Delete)):
-                targets = node.targets
-            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
-                targets = [node.target]
-            for target in targets:
-                for t in ast.walk(target) if isinstance(target, (ast.Tuple, ast.List)) else [target]:
-                    if isinstance(t, ast.Attribute) and _root_name(t) in modules:
-                        flags.append(f"cell {name}: assigns {ast.unparse(t)}")
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr"):
-                if node.args and _root_name(node.args[0]) not in ("self", "cls"):
-                    flags.append(f"cell {name}: {node.func.id} on {ast.unparse(node.args[0])}")
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "vars" and node.args:
-                if _root_name(node.args[0]) in modules:
-                    flags.append(f"cell {name}: vars() of module {ast.unparse(node.args[0])}")
-            if isinstance(node, (ast.Name, ast.Attribute)):
-                text = ast.unparse(node)
-                if text in _SUSPICIOUS_NAMES or (isinstance(node, ast.Attribute) and node.attr in _SUSPICIOUS_ATTRS):
-                    flags.append(f"cell {name}: uses {text}")
-    return sorted(set(flags))
-
-
-def _root_name(node: ast.AST) -> str | None:
-    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
-        node = node.func if isinstance(node, ast.Call) else node.value
-    return node.id if isinstance(node, ast.Name) else None
 
 
 def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None = None,
                      cell_timeout: int = 300, submission_timeout: int | None = None,
                      memory_mb: int = sandbox.DEFAULT_MEMORY_MB, output_kb: int = sandbox.DEFAULT_OUTPUT_KB,
-                     fast: bool = True, use_sandbox: bool = True, zero_flagged: bool = True) -> list[StudentResult]:
+                     fast: bool = True, use_sandbox: bool = True, zero_flagged: bool = True,
+                     similarity_threshold: float = similarity.DEFAULT_THRESHOLD) -> list[StudentResult]:
     """Autograde every ``submitted/*/ASSIGNMENT`` in ``course``; export ``grades.csv``; write the report.
 
     Args:
@@ -130,6 +67,8 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         use_sandbox: run kernels in bubblewrap (off only for debugging).
         zero_flagged: give every autograded cell of a flagged submission a manual score of 0 with a
             comment naming the flags (nbgrader's own override; review and clear it in formgrader).
+        similarity: the share of code at which two submissions, or a submission and dgmlib or the
+            solutions, are reported as near-copies (reported only, never zeroed).
 
     Returns:
         one ``StudentResult`` per student, sorted by student id. The report is written to
@@ -171,6 +110,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             "DGM_SANDBOX_MEMORY_MB": str(memory_mb),
             "DGM_SANDBOX_OUTPUT_KB": str(output_kb),
             "DGM_SANDBOX_CPU_SECONDS": str(submission_timeout * 2),
+            "DGM_CHECKER_SOCKET": str(private / "sockets" / "checker"),  # the grader's checker (receipts)
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)),  # no oversubscription
         }
         args = ["autograde", assignment, "--student", student, "--force", f"--Execute.timeout={cell_timeout}",
@@ -179,7 +119,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             args.append(f"--Execute.kernel_name={sandbox.KERNEL_NAME}")
         start = time.perf_counter()
         result = StudentResult(student)
-        code = _run_nbgrader(args, course, private / "autograde.log", env, submission_timeout)
+        code = _run_nbgrader(args, course, private / "autograde.log", env, submission_timeout, command=_AUTOGRADER)
         result.seconds = time.perf_counter() - start
         log = (private / "autograde.log").read_text(errors="replace")
         if code == "timeout":
@@ -195,17 +135,22 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(grade_one, students))
 
+    policies = {p.stem: review.Policy.from_notebook(json.loads(p.read_text()))
+                for p in (course / "solutions" / assignment).glob("*.ipynb")}
     for result in results:
         for nb_path in sorted((course / "submitted" / result.student / assignment).glob("*.ipynb")):
-            flags = flag_tampering(nb_path)
+            flags = review.review_notebook(nb_path, policies.get(nb_path.stem, review.Policy()))
             result.flagged += flags
             if flags and zero_flagged:
-                _zero_autograded(course, assignment, result.student, nb_path.stem, flags)
+                auto = _zero_autograded(course, assignment, result.student, nb_path.stem, flags)
+                result.autograded_before_review = (result.autograded_before_review or 0.0) + auto
             graded = course / "autograded" / result.student / assignment / nb_path.name
             if graded.exists():
-                timed_out, crashed = _cell_errors(graded)
+                timed_out, crashed, unverified = _cell_errors(graded)
                 result.timed_out += timed_out
                 result.crashed += crashed
+                result.unverified += unverified
+    _report_similar(course, assignment, results, similarity_threshold)
     _run_nbgrader(["export", "--to", str(course / "grades.csv")], course, work / "export.log", None, 600)
     scores = _read_scores(course / "grades.csv", assignment)
     for result in results:
@@ -214,11 +159,17 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     return results
 
 
-def _run_nbgrader(args: list[str], course: Path, log: Path, extra_env: dict | None, timeout: float) -> int | str:
-    """Run ``python -m nbgrader ARGS`` in its own process group; kill the group on timeout."""
+# nbgrader with the checker and the receipts in the grader; run by path (see its docstring)
+_AUTOGRADER = [str(Path(__file__).with_name("receipts.py"))]
+
+
+def _run_nbgrader(args: list[str], course: Path, log: Path, extra_env: dict | None, timeout: float,
+                  command: list[str] | None = None) -> int | str:
+    """Run ``python -m nbgrader ARGS`` (or ``python COMMAND ARGS``) in its own process group; kill the
+    group on timeout."""
     env = {**os.environ, **(extra_env or {})}
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "nbgrader", *args], cwd=course, env=env, stdout=fh,
+        proc = subprocess.Popen([sys.executable, *(command or ["-m", "nbgrader"]), *args], cwd=course, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             return proc.wait(timeout=timeout)
@@ -228,22 +179,29 @@ def _run_nbgrader(args: list[str], course: Path, log: Path, extra_env: dict | No
             return "timeout"
 
 
-def _zero_autograded(course: Path, assignment: str, student: str, notebook: str, flags: list[str]) -> None:
-    """Override every autograded cell of one submitted notebook with a manual score of 0, and say why."""
+def _zero_autograded(course: Path, assignment: str, student: str, notebook: str, flags: list[str]) -> float:
+    """Override every autograded cell of one submitted notebook with a manual score of 0, and say why.
+
+    Returns:
+        the autograded points the override took away (what the receipts alone would have given).
+    """
     from nbgrader.api import Gradebook, MissingEntry
 
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
         try:
             submission = gb.find_submission_notebook(notebook, assignment, student)
         except MissingEntry:
-            return  # never autograded (e.g. the kernel died): nothing was scored
+            return 0.0  # never autograded (e.g. the kernel died): nothing was scored
+        taken = 0.0
         for grade in submission.grades:
             if grade.auto_score is not None:
+                taken += grade.auto_score
                 grade.manual_score = 0.0
         for comment in submission.comments:
             comment.manual_comment = "Autograded score set to 0: possible tampering, review before restoring. " + \
                 "; ".join(flags)
         gb.db.commit()
+    return taken
 
 
 def _read_scores(csv_path: Path, assignment: str) -> dict[str, tuple[float, float]]:
@@ -254,10 +212,31 @@ def _read_scores(csv_path: Path, assignment: str) -> dict[str, tuple[float, floa
                 for row in csv.DictReader(fh) if row["assignment"] == assignment}
 
 
-def _cell_errors(graded_notebook: Path) -> tuple[list[str], list[str]]:
-    """Cells of the autograded notebook that timed out, and those that raised (with the exception)."""
+def _report_similar(course: Path, assignment: str, results: list[StudentResult], threshold: float) -> None:
+    """Note near-copies on each student's result: of another student, of dgmlib, of the solutions."""
+    code = {}
+    for result in results:
+        notebooks = sorted((course / "submitted" / result.student / assignment).glob("*.ipynb"))
+        code[result.student] = "\n".join(similarity.student_code(p) for p in notebooks)
+    package = Path(dgmlib.__file__).parent
+    references = {f"dgmlib/{p.relative_to(package)}": p.read_text() for p in sorted(package.rglob("*.py"))}
+    references[f"solutions/{assignment}"] = "\n".join(
+        similarity.student_code(p) for p in sorted((course / "solutions" / assignment).glob("*.ipynb")))
+    boilerplate = "\n".join(similarity.student_code(p) for p in sorted((course / "assignments" / assignment).glob("*.ipynb")))
+    by_student = {r.student: r for r in results}
+    for pair in similarity.similar_pairs(code, references, boilerplate, threshold):
+        by_student[pair.first].similar.append(f"{pair.second} ({pair.first_share:.0%} of this code, "
+                                              f"{pair.second_share:.0%} of theirs)")
+        if pair.second in by_student:
+            by_student[pair.second].similar.append(f"{pair.first} ({pair.second_share:.0%} of this code, "
+                                                   f"{pair.first_share:.0%} of theirs)")
+
+
+def _cell_errors(graded_notebook: Path) -> tuple[list[str], list[str], list[str]]:
+    """Cells of the autograded notebook that timed out, that raised (with the exception), and that were
+    scored 0 for want of receipts (``UnverifiedCheck``, with the reason)."""
     nb = json.loads(graded_notebook.read_text())
-    timed_out, crashed = [], []
+    timed_out, crashed, unverified = [], [], []
     for i, cell in enumerate(nb.get("cells", [])):
         name = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", f"#{i + 1}")
         for out in cell.get("outputs", []):
@@ -265,9 +244,11 @@ def _cell_errors(graded_notebook: Path) -> tuple[list[str], list[str]]:
                 continue
             if out.get("ename") == "CellTimeoutError":
                 timed_out.append(name)
+            elif out.get("ename") == "UnverifiedCheck":
+                unverified.append(f"{name} ({out.get('evalue')})")
             else:
                 crashed.append(f"{name} ({out.get('ename')})")
-    return timed_out, crashed
+    return timed_out, crashed, unverified
 
 
 def _write_report(course: Path, assignment: str, results: list[StudentResult]) -> None:
@@ -278,14 +259,19 @@ def _write_report(course: Path, assignment: str, results: list[StudentResult]) -
 
 
 def format_report(assignment: str, results: list[StudentResult]) -> str:
-    """A plain-text table: student, score, time, and what timed out, crashed or was flagged."""
+    """A plain-text table: student, score, time, and what timed out, crashed, lacked receipts, was flagged
+    or looks copied."""
     lines = [f"{assignment}: {len(results)} submissions", ""]
     width = max(len(r.student) for r in results)
     for r in results:
         lines.append(f"{r.student:<{width}}  {r.score:5.1f} / {r.max_score:<5.1f} {r.seconds:6.1f} s")
+        auto = r.autograded_before_review
         notes = ([f"FAILED: {r.failure}"] if r.failure else []) + \
             [f"timed out: {', '.join(r.timed_out)}"] * bool(r.timed_out) + \
-            [f"crashed: {', '.join(r.crashed)}"] * bool(r.crashed) + [f"FLAG {f}" for f in r.flagged]
+            [f"crashed: {', '.join(r.crashed)}"] * bool(r.crashed) + \
+            [f"scored 0 without receipts: {u}" for u in r.unverified] + [f"FLAG {f}" for f in r.flagged] + \
+            [f"zeroed pending review (autograded {auto:g} before)"] * (auto is not None) + \
+            [f"similar to {s} (review; not zeroed)" for s in r.similar]
         lines += [f"{'':<{width}}    {note}" for note in notes]
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,292 @@
+"""Receipts: test-cell verdicts that nothing in the student's kernel can forge.
+
+A submission's code runs in the same kernel as the tests. Whatever the kernel reports can be
+forged from there: the shell can swallow exceptions (``set_custom_exc``), ``sys.modules`` can hand
+the test cells a stand-in ``dgmlib.grading`` whose checks do nothing, the channel to the checker
+can be replaced, and the cell's outputs can be rewritten. So under ``dgm grade`` the score of a test
+cell rests on what the grader itself saw:
+
+1. **The checker lives in the grader.** ``dgm grade`` runs ``nbgrader autograde`` through this
+   module, which swaps nbgrader's ``Execute`` preprocessor for ``ReceiptExecute``. Before the kernel
+   starts, ``ReceiptExecute`` opens a ``CheckerServer``: a Unix socket in the submission's private
+   socket folder (the only folder, besides the scratch folder, that the sandboxed kernel can write),
+   served by threads of the grader's own ``nbgrader`` process, outside the sandbox. The kernel
+   learns its path from ``DGM_CHECKER_SOCKET``; every ``dgmlib.grading.assert_*`` sends its arrays
+   there and the verdict is computed by ``_checker.verdict`` in the grader.
+2. **Each check leaves a receipt** in the grader's memory: which check (``assert_close``), the line
+   of the test cell that made it, and the verdict. The kernel can only ask for checks; it cannot
+   write, change or delete receipts, so no secret or MAC is needed: the receipts never leave the
+   grader.
+3. **A test cell earns its points only with a receipt for every check written in it.** After each
+   autograded test cell has run, ``verify_cell`` reads the cell's source (restored from the
+   gradebook by nbgrader, so the student cannot edit it) and finds every call of a ``grading.assert_*``
+   function (``call_sites``). It requires, among the receipts made while that cell ran:
+
+   - a passing receipt of the right check at each call site;
+   - the first receipts of the call sites written at the cell's top level in the order of the source
+     (call sites inside a function defined in the cell only need to be present);
+   - no failing receipt at all.
+
+   Otherwise an ``UnverifiedCheck`` error is put first among the cell's outputs, which is how
+   nbgrader's ``SaveAutoGrades`` scores a test cell 0; nothing the kernel printed before it counts.
+   A passing cell is then scored by nbgrader as usual (an error or ``stderr`` output still gives 0).
+
+What this stops: a hidden exception (its check left a failing receipt, or none), a stand-in grading
+module (no receipts), a forged channel or checker socket (no receipts reach the grader), rewritten
+outputs. What it does not stop: code that sends chosen, passing values to the genuine checker from
+the right line. That needs code that reaches into ``dgmlib.grading``'s internals, the kernel's frames
+or ``sys.modules``, which the static review (``dgmlib.grading.review``) flags.
+
+Run as ``python PATH/TO/dgmlib/grading/receipts.py autograde ASSIGNMENT --student ID ...`` (by path, so
+that the grader does not import torch with ``dgmlib.grading``); the arguments are nbgrader's.
+Source: the course's issue 12; the design is ours.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import socketserver
+import struct
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbformat.notebooknode import NotebookNode
+from nbgrader.preprocessors import Execute
+
+if __package__:  # imported as dgmlib.grading.receipts
+    from dgmlib.grading._checker import verdict
+else:  # run by path (``dgm grade``): importing the dgmlib.grading package would import torch, seconds per student
+    from _checker import verdict
+
+__all__ = ["Receipt", "CallSite", "CheckerServer", "call_sites", "verify_cell", "ReceiptExecute", "CHECKS", "main"]
+
+CHECKS = ("assert_close", "assert_not_close", "assert_equal", "assert_le", "assert_true", "assert_shape")
+"""The checks of ``dgmlib.grading`` that leave receipts."""
+
+_MAX_PARTS, _MAX_MESSAGE = 16, 1 << 28  # a request larger than 256 MiB is dropped with its connection
+_MAX_RECEIPTS = 1_000_000  # a kernel flooding the checker cannot exhaust the grader's memory
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One check the grader's checker decided: the check's name, its line in the cell, the verdict."""
+
+    api: str
+    line: int
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """A call of a ``grading.assert_*`` function written in a test cell (lines 1-based, inclusive)."""
+
+    api: str
+    first_line: int
+    last_line: int
+    top_level: bool
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """Serve one kernel connection: read requests until it closes, answer each with a verdict."""
+
+    def _read(self, size: int) -> bytes:
+        chunks, left = [], size
+        while left:
+            chunk = self.request.recv(min(left, 1 << 20))
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def handle(self) -> None:
+        server: CheckerServer = self.server.owner  # type: ignore[attr-defined]
+        while True:
+            try:
+                (count,) = struct.unpack("<q", self._read(8))
+                if not 0 < count <= _MAX_PARTS:
+                    return
+                parts, total = [], 0
+                for _ in range(count):
+                    (size,) = struct.unpack("<q", self._read(8))
+                    total += size
+                    if size < 0 or total > _MAX_MESSAGE:
+                        return
+                    parts.append(self._read(size))
+            except (EOFError, OSError, struct.error):
+                return
+            answer = server.decide(parts)
+            try:
+                self.request.sendall(struct.pack("<q", len(answer)) + answer)
+            except OSError:
+                return
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class CheckerServer:
+    """The grader's checker on a Unix socket at ``path``, keeping a receipt of every check.
+
+    Requests are ``[op, tolerances, array a, array b, api, line]`` as sent by
+    ``dgmlib.grading._check``; the verdict is ``_checker.verdict``'s.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+        self.receipts: list[Receipt] = []
+        self._lock = threading.Lock()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self._server = _UnixServer(self.path, _Handler)
+        self._server.owner = self  # type: ignore[attr-defined]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="dgm-checker", daemon=True)
+        self._thread.start()
+
+    def decide(self, parts: list[bytes]) -> bytes:
+        """Decide one request and keep its receipt; return ``ok`` or the reason it failed."""
+        try:
+            answer = verdict(parts[:8])
+            api = parts[8].decode() if len(parts) > 8 else "?"
+            (line,) = struct.unpack("<q", parts[9]) if len(parts) > 9 else (0,)
+        except Exception as err:  # noqa: BLE001 - any malformed request is a failed check
+            answer, api, line = f"malformed check: {err}", "?", 0
+        with self._lock:
+            if len(self.receipts) < _MAX_RECEIPTS:
+                self.receipts.append(Receipt(api if api in CHECKS else "?", int(line), answer == "ok", answer))
+        return answer.encode()
+
+    def mark(self) -> int:
+        """How many receipts there are now: pass it to ``since`` after a cell has run."""
+        with self._lock:
+            return len(self.receipts)
+
+    def since(self, mark: int) -> list[Receipt]:
+        """The receipts made after ``mark``."""
+        with self._lock:
+            return self.receipts[mark:]
+
+    def close(self) -> None:
+        """Stop serving and remove the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _as_executed(source: str) -> str:
+    """The cell's source as IPython compiles it (magics rewritten, leading blank lines dropped)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return TransformerManager().transform_cell(source)
+
+
+def call_sites(source: str) -> list[CallSite]:
+    """Every call of a ``dgmlib.grading`` check in a test cell's ``source``, in source order.
+
+    A call counts whatever it is called through (``grading.assert_close(...)``,
+    ``assert_close(...)`` after ``from dgmlib.grading import assert_close``). Line numbers are those
+    of the code that the kernel runs.
+
+    Raises:
+        SyntaxError: if the cell does not parse.
+    """
+    tree = ast.parse(_as_executed(source))
+    sites: list[CallSite] = []
+
+    def visit(node: ast.AST, top_level: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = top_level and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Call):
+                func = child.func
+                name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+                if name in CHECKS:
+                    sites.append(CallSite(name, child.lineno, child.end_lineno or child.lineno, top_level))
+            visit(child, nested)
+
+    visit(tree, True)
+    return sorted(sites, key=lambda s: (s.first_line, s.last_line))
+
+
+def verify_cell(source: str, receipts: list[Receipt]) -> str | None:
+    """Check the receipts made while a test cell ran against the checks written in it.
+
+    Returns:
+        None if every call site has a passing receipt (top-level ones first seen in source order) and
+        no receipt failed; otherwise the reason, e.g. ``"line 4: no receipt for assert_close"``.
+    """
+    try:
+        sites = call_sites(source)
+    except SyntaxError as err:
+        return f"the test cell does not parse ({err.msg})"
+    if not sites:
+        return "the test cell makes no dgmlib.grading check, so nothing can vouch for it"
+    for receipt in receipts:
+        if not receipt.passed:
+            return f"line {receipt.line}: {receipt.api} failed: {receipt.message}"
+    previous = -1
+    for site in sites:
+        first = next((i for i, r in enumerate(receipts)
+                      if r.api == site.api and site.first_line <= r.line <= site.last_line), None)
+        if first is None:
+            return f"line {site.first_line}: no receipt for {site.api} from the grader's checker"
+        if site.top_level:
+            if first < previous:
+                return f"line {site.first_line}: {site.api} ran out of order"
+            previous = first
+    return None
+
+
+class ReceiptExecute(Execute):
+    """nbgrader's ``Execute`` with the checker in the grader and every test cell checked against receipts.
+
+    Configured like ``Execute`` (``--Execute.timeout``, ``--Execute.kernel_name``). The checker's
+    socket is ``DGM_CHECKER_SOCKET`` if set (``dgm grade`` puts it beside the kernel's sockets, where
+    the sandbox lets the kernel reach it), else a new private folder.
+    """
+
+    def preprocess(self, nb: NotebookNode, resources: dict, km=None) -> tuple[NotebookNode, dict]:  # noqa: D102
+        path = os.environ.get("DGM_CHECKER_SOCKET") or str(Path(tempfile.mkdtemp(prefix="dgm-checker-")) / "checker")
+        os.environ["DGM_CHECKER_SOCKET"] = path  # the kernel inherits it
+        self.checker = CheckerServer(path)
+        try:
+            return super().preprocess(nb, resources, km)
+        finally:
+            self.checker.close()
+
+    def preprocess_cell(self, cell: NotebookNode, resources: dict, index: int) -> tuple[NotebookNode, dict]:  # noqa: D102
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        is_test = cell.cell_type == "code" and meta.get("grade", False) and not meta.get("solution", False)
+        mark = self.checker.mark()
+        cell, resources = super().preprocess_cell(cell, resources, index)
+        if is_test:
+            reason = verify_cell(cell.source, self.checker.since(mark))
+            if reason is not None:
+                self.log.warning("test cell %s scores 0: %s", meta.get("grade_id"), reason)
+                cell.outputs.insert(0, NotebookNode(
+                    output_type="error", ename="UnverifiedCheck", evalue=reason,
+                    traceback=[f"UnverifiedCheck: {reason} (dgm grade scores a test cell by the receipts of "
+                               "its checks in the grader, not by what the kernel reports)"]))
+        return cell, resources
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``nbgrader`` with ``ReceiptExecute`` in place of ``Execute`` in the autograde step."""
+    from nbgrader.apps.nbgraderapp import NbGraderApp
+    from nbgrader.converters import Autograde
+    from traitlets.config import Config
+
+    default = Autograde.class_traits()["autograde_preprocessors"].make_dynamic_default()
+    config = Config()
+    config.Autograde.autograde_preprocessors = [ReceiptExecute if p is Execute else p for p in default]
+    NbGraderApp.launch_instance(argv=list(sys.argv[1:] if argv is None else argv), config=config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Static review of a submission by allowlist: what the student's code may use, and what it may not.
+
+Every solution cell, and every cell the student added, is read (never run) against the assignment's
+``Policy``, which the source notebook declares in its metadata (``"dgm_grading"``) and the grader
+reads from ``solutions/``, never from the submission. A cell is flagged when it
+
+- imports a module beyond the policy's list (``COMMON_IMPORTS`` plus the assignment's own), or
+  imports relatively;
+- uses ``get_ipython``, IPython magics or shell escapes (``%%``/``%``/``!``, ``%matplotlib`` aside);
+- reaches ``importlib``, ``types``, ``sys``, ``gc``, ``inspect``, ``ctypes`` or ``builtins``
+  (``FORBIDDEN_MODULES``) by any route: an import, a name, an attribute (``torch.sys``) or a
+  string (``getattr(x, "sys")``);
+- reaches ``dgmlib.grading``, the test machinery;
+- reads an attribute that starts with ``_`` of anything but its own ``self``, ``cls`` or
+  ``super()``, or a ``_`` name it did not define (``__builtins__``, ``_ih``);
+- calls ``getattr``, ``setattr``, ``delattr`` or ``hasattr`` with a name that is not a literal
+  string, or calls ``vars``, ``globals``, ``locals``, ``exec``, ``eval``, ``compile`` or
+  ``breakpoint``;
+- assigns to, or ``setattr``-s, an attribute of an imported module (``torch.allclose = ...``);
+- refers to one of the assignment's declared answers (``Policy.answers``, e.g.
+  ``dgmlib.flows.AffineCoupling`` in hw2) by any route: importing it, an attribute of that name on
+  anything but ``self`` (``flows.AffineCoupling``, ``F.AffineCoupling`` after ``F = flows``), or a
+  string equal to its name (``getattr(flows, "AffineCoupling")``).
+
+Comments, docstrings that merely mention a name, helper functions and the student's own names
+(``class AffineCoupling``, ``_helper``, ``self._cache``) are never flagged.
+
+Why not RestrictedPython: its guards (``_getattr_``, ``_write_``) act only on code that runs
+compiled by it with its restricted builtins, and a Jupyter kernel that trains torch models runs
+the student's cells as ordinary Python. Its compile-time policy alone forbids every name and
+attribute that starts with ``_``, ``super().__init__()`` and ``self._cache`` included, so it flags
+the innocent ``nn.Module`` that every assignment asks for, and it knows nothing of imports allowed,
+of ``sys`` reached through ``torch.sys``, or of an assignment's answers. What is left is this walk
+of the syntax tree (``ast``), with the rules above. Source: the course's issue 12.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Policy", "COMMON_IMPORTS", "FORBIDDEN_MODULES", "review_notebook", "review_source"]
+
+COMMON_IMPORTS = ("math", "copy", "itertools", "functools", "collections", "dataclasses", "typing", "numpy",
+                  "torch", "matplotlib", "tqdm")
+"""Modules every assignment allows (with their submodules)."""
+
+FORBIDDEN_MODULES = frozenset({"importlib", "types", "sys", "gc", "inspect", "ctypes", "builtins"})
+"""Modules a solution may not reach by any route."""
+
+_FORBIDDEN_CALLS = frozenset({"vars", "globals", "locals", "exec", "eval", "compile", "breakpoint"})
+_NAME_CALLS = frozenset({"getattr", "setattr", "delattr", "hasattr"})
+_MACHINERY = frozenset({"grading", "receipts", "_checker"})
+_SHELL = "get_ipython"
+_ALLOWED_MAGICS = ("%matplotlib",)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What an assignment allows: its imports beyond ``COMMON_IMPORTS``, and its answers.
+
+    Attributes:
+        imports: modules a student cell may import, with their submodules (``"dgmlib.flows"``).
+        answers: grade_id of a solution cell (or ``"*"`` for every cell) -> dotted names that are that
+            cell's answer in dgmlib or elsewhere (``"dgmlib.flows.AffineCoupling"``). Cells the student
+            added are reviewed against every answer.
+    """
+
+    imports: tuple[str, ...] = ()
+    answers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_notebook(cls, notebook: dict) -> Policy:
+        """The policy in a notebook's ``metadata["dgm_grading"]`` (empty if there is none).
+
+        Raises:
+            TypeError: if the declaration is not ``{"imports": [str], "answers": {str: [str]}}``.
+        """
+        raw = notebook.get("metadata", {}).get("dgm_grading", {})
+        imports, answers = raw.get("imports", []), raw.get("answers", {})
+        if not (isinstance(imports, list) and all(isinstance(m, str) for m in imports) and isinstance(answers, dict)
+                and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in answers.values())):
+            raise TypeError('metadata["dgm_grading"] must be {"imports": [str, ...], "answers": {cell: [str, ...]}}')
+        return cls(tuple(imports), {k: tuple(v) for k, v in answers.items()})
+
+    def allows_import(self, module: str) -> bool:
+        """Whether ``module`` (dotted) is, or is inside, an allowed module."""
+        return any(module == m or module.startswith(m + ".") for m in (*COMMON_IMPORTS, *self.imports))
+
+    def answers_for(self, cell: str | None) -> tuple[str, ...]:
+        """The answers a cell may not use: its own and the ``"*"`` ones; all of them for an added cell."""
+        if cell is None:
+            return tuple(n for names in self.answers.values() for n in names)
+        return (*self.answers.get("*", ()), *self.answers.get(cell, ()))
+
+
+def review_notebook(notebook_path: str | Path, policy: Policy) -> list[str]:
+    """Review the student's code cells of a submitted notebook against ``policy``.
+
+    Solution cells and cells without nbgrader metadata (added by the student) are reviewed; the
+    instructor's cells are not (nbgrader restores them before grading).
+
+    Returns:
+        sorted, human-readable flags such as ``"cell coupling: refers to AffineCoupling, an answer
+        of this assignment (dgmlib.flows.AffineCoupling)"``; empty if nothing is flagged.
+    """
+    nb = json.loads(Path(notebook_path).read_text())
+    cells = []
+    for i, cell in enumerate(nb.get("cells", [])):
+        if cell.get("cell_type") != "code":
+            continue
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if meta and not meta.get("solution", False):
+            continue
+        source = cell.get("source", "")
+        source = "".join(source) if isinstance(source, list) else source
+        cells.append((meta.get("grade_id"), f"#{i + 1} (added by the student)", source))
+    return review_source(cells, policy)
+
+
+def review_source(cells: list[tuple[str | None, str, str]], policy: Policy) -> list[str]:
+    """Review ``(grade_id or None, label, source)`` cells together (names defined in one count in all)."""
+    parsed, flags = [], []
+    for grade_id, label, source in cells:
+        name = grade_id or label
+        kept = []
+        for line in source.splitlines():
+            stripped = line.lstrip()
+            if stripped.startswith(("%", "!")):
+                if not stripped.startswith(_ALLOWED_MAGICS):
+                    flags.append(f"cell {name}: IPython magic or shell command {stripped.split()[0]!r}")
+                kept.append("")
+            else:
+                kept.append(line)
+        try:
+            parsed.append((grade_id, name, ast.parse("\n".join(kept))))
+        except SyntaxError:
+            flags.append(f"cell {name}: does not parse")
+    own = set().union(*(_defined_names(tree) for _, _, tree in parsed)) if parsed else set()
+    for grade_id, name, tree in parsed:
+        flags += [f"cell {name}: {f}" for f in _review_tree(tree, policy, policy.answers_for(grade_id), own)]
+    return sorted(set(flags))
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            names.update(node.names)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):  # the import itself is reviewed on its own
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(a.asname or a.name for a in node.names)
+    return names
+
+
+def _is_own(node: ast.AST) -> bool:
+    """``self``, ``cls`` or ``super()``: objects whose private attributes are the student's own."""
+    if isinstance(node, ast.Name):
+        return node.id in ("self", "cls")
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+
+
+def _root_name(node: ast.AST) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _review_tree(tree: ast.AST, policy: Policy, answers: tuple[str, ...], own: set[str]) -> list[str]:
+    flags: list[str] = []
+    answer_names = {a.rsplit(".", 1)[-1]: a for a in answers}
+    modules = _imported_modules(tree) | {"torch", "numpy", "math", "nn", "dgmlib", "data", "flows", "train",
+                                         "vae", "ode", "cnf", "diffusion", "plots", "units", "torchdiffeq", "plt"}
+    modules -= own - _imported_modules(tree)
+
+    def answer(name: str, how: str) -> None:
+        if name in answer_names:
+            flags.append(f"{how}, an answer of this assignment ({answer_names[name]})")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                _check_import(alias.name, policy, flags)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                flags.append(f"relative import from {'.' * node.level}{node.module or ''}")
+                continue
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                _check_import(node.module if alias.name == "*" else full, policy, flags)
+                if full in answers:
+                    flags.append(f"imports {alias.name}, an answer of this assignment ({full})")
+                if alias.name.startswith("_"):
+                    flags.append(f"imports the private name {full}")
+        elif isinstance(node, ast.Name):
+            if node.id == _SHELL:
+                flags.append(f"uses {_SHELL}")
+            elif node.id in FORBIDDEN_MODULES and node.id not in own:
+                flags.append(f"uses {node.id}")
+            elif node.id in _MACHINERY and node.id not in own:
+                flags.append(f"uses {node.id} (the test machinery)")
+            elif node.id.startswith("_") and node.id not in own:
+                flags.append(f"uses the name {node.id}, which it did not define")
+        elif isinstance(node, ast.Attribute):
+            if node.attr in FORBIDDEN_MODULES or node.attr == _SHELL:
+                flags.append(f"reaches {ast.unparse(node)}")
+            elif node.attr in _MACHINERY:
+                flags.append(f"reaches {ast.unparse(node)} (the test machinery)")
+            elif node.attr.startswith("_") and not _is_own(node.value):
+                flags.append(f"reads the private attribute {ast.unparse(node)}")
+            if not _is_own(node.value):
+                answer(node.attr, f"refers to {ast.unparse(node)}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value.strip()
+            if text in FORBIDDEN_MODULES or text in _MACHINERY or text == _SHELL:
+                flags.append(f"names {text!r} in a string")
+            answer(text, f"names {text!r} in a string")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in own:
+            func = node.func.id
+            if func in _FORBIDDEN_CALLS:
+                flags.append(f"calls {func}()")
+            if func in _NAME_CALLS:
+                attr = node.args[1] if len(node.args) > 1 else None
+                if not (isinstance(attr, ast.Constant) and isinstance(attr.value, str)):
+                    flags.append(f"calls {func}() with a name that is not a literal string")
+                elif attr.value.startswith("_") and not (node.args and _is_own(node.args[0])):
+                    flags.append(f"calls {func}() on the private attribute {attr.value!r}")
+                if func in ("setattr", "delattr") and node.args and not _is_own(node.args[0]):
+                    flags.append(f"{func} on {ast.unparse(node.args[0])}")
+        if isinstance(node, (ast.Assign, ast.Delete, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for target in targets:
+                for t in ast.walk(target):
+                    if isinstance(t, ast.Attribute) and _root_name(t) in modules:
+                        flags.append(f"assigns {ast.unparse(t)}")
+    return flags
+
+
+def _check_import(module: str, policy: Policy, flags: list[str]) -> None:
+    top = module.split(".")[0]
+    if top in FORBIDDEN_MODULES or any(part in FORBIDDEN_MODULES for part in module.split(".")):
+        flags.append(f"imports {module}")
+    elif not policy.allows_import(module):
+        flags.append(f"imports {module}, which this assignment does not allow")
+    elif re.search(r"(^|\.)_", module):
+        flags.append(f"imports the private module {module}")
