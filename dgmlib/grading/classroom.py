@@ -270,7 +270,7 @@ def format_report(assignment: str, results: list[StudentResult]) -> str:
             [f"timed out: {', '.join(r.timed_out)}"] * bool(r.timed_out) + \
             [f"crashed: {', '.join(r.crashed)}"] * bool(r.crashed) + \
             [f"scored 0 without receipts: {u}" for u in r.unverified] + [f"FLAG {f}" for f in r.flagged] + \
-            [f"zeroed pending review (autograded {auto:g} before)"] * (auto is not None) + \
+            ([f"zeroed pending review (autograded {auto:g} before)"] if auto is not None else []) + \
             [f"similar to {s} (review; not zeroed)" for s in r.similar]
         lines += [f"{'':<{width}}    {note}" for note in notes]
     return "\n".join(lines) + "\n"
