@@ -229,8 +229,10 @@ def test_similarity_finds_renamed_copies_and_copies_of_dgmlib():
     renamed = (INNOCENT.replace("log_scale", "s").replace("shift", "t").replace("_bounded", "soft")
                .replace("# Like", "# Unlike"))
     other = "def f(a, b):\n    total = 0\n    for i in range(a):\n        total += i * b\n    return total\n"
-    pairs = similarity.similar_pairs({"ann": INNOCENT, "bob": renamed, "cy": copied, "dee": other, "eve": ""},
-                                     {"dgmlib/flows.py": flows_source}, boilerplate="import math\n")
+    own = "def scale(values, k):\n    out = []\n    for item in values:\n        out.append(item * k + 1)\n    return out\n"
+    # cy wrote one cell and copied the other from dgmlib: the copied cell is found on its own
+    pairs = similarity.similar_pairs({"ann": [INNOCENT], "bob": [renamed], "cy": [own * 4, copied], "dee": [other],
+                                      "eve": [""]}, {"dgmlib/flows.py": flows_source}, boilerplate="import math\n")
     found = {(p.first, p.second) for p in pairs}
     assert ("ann", "bob") in found and ("cy", "dgmlib/flows.py") in found
     assert not any("dee" in pair or "eve" in pair for pair in found)

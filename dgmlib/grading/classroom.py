@@ -213,23 +213,21 @@ def _read_scores(csv_path: Path, assignment: str) -> dict[str, tuple[float, floa
 
 
 def _report_similar(course: Path, assignment: str, results: list[StudentResult], threshold: float) -> None:
-    """Note near-copies on each student's result: of another student, of dgmlib, of the solutions."""
-    code = {}
-    for result in results:
-        notebooks = sorted((course / "submitted" / result.student / assignment).glob("*.ipynb"))
-        code[result.student] = "\n".join(similarity.student_code(p) for p in notebooks)
+    """Note near-copies on each student's result: of another student, of the solutions, of dgmlib."""
+    def cells(folder: Path) -> list[str]:
+        return [c for p in sorted(folder.glob("*.ipynb")) for c in similarity.student_cells(p)]
+
+    code = {r.student: cells(course / "submitted" / r.student / assignment) for r in results}
+    solutions = {f"solutions/{assignment}": cells(course / "solutions" / assignment)}
     package = Path(dgmlib.__file__).parent
     references = {f"dgmlib/{p.relative_to(package)}": p.read_text() for p in sorted(package.rglob("*.py"))}
-    references[f"solutions/{assignment}"] = "\n".join(
-        similarity.student_code(p) for p in sorted((course / "solutions" / assignment).glob("*.ipynb")))
-    boilerplate = "\n".join(similarity.student_code(p) for p in sorted((course / "assignments" / assignment).glob("*.ipynb")))
+    boilerplate = "\n\n".join(cells(course / "assignments" / assignment))
     by_student = {r.student: r for r in results}
-    for pair in similarity.similar_pairs(code, references, boilerplate, threshold):
-        by_student[pair.first].similar.append(f"{pair.second} ({pair.first_share:.0%} of this code, "
-                                              f"{pair.second_share:.0%} of theirs)")
-        if pair.second in by_student:
-            by_student[pair.second].similar.append(f"{pair.first} ({pair.second_share:.0%} of this code, "
-                                                   f"{pair.first_share:.0%} of theirs)")
+    for pair in similarity.similar_pairs(code, references, boilerplate, threshold, solutions):
+        for one, other, mine, theirs in ((pair.first, pair.second, pair.first_share, pair.second_share),
+                                         (pair.second, pair.first, pair.second_share, pair.first_share)):
+            if one in by_student:
+                by_student[one].similar.append(f"{other} ({mine:.0%} of this code, {theirs:.0%} of theirs)")
 
 
 def _cell_errors(graded_notebook: Path) -> tuple[list[str], list[str], list[str]]:

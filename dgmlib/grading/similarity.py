@@ -8,8 +8,14 @@ k-grams found in B.
 
 Each submission's code is its solution cells and the cells the student added. The code the release
 already gives (function signatures, stubs) is removed as boilerplate, so blank submissions look like
-nothing. A pair is reported when either side's similarity reaches ``threshold``. Reports flag; they
-never change a score. Source: the course's issue 12.
+nothing. Two submissions are compared as wholes: a pair is reported when either side's similarity
+reaches ``threshold``. A submission is compared with the solutions as a whole, and reported when
+``threshold`` of it is found there. It is compared with each reference (dgmlib's source files) as a
+whole and cell by cell, so that one cell copied from dgmlib
+is found among cells the student wrote: it is reported when the whole, or any cell of at least
+``_MIN_CELL_TOKENS`` tokens, is ``threshold`` found in the reference. Cells are not compared between
+submissions: short cells that call a given function with given arguments look alike in every
+honest submission. Reports flag; they never change a score. Source: the course's issue 12.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from pathlib import Path
 
 from copydetect import CodeFingerprint, compare_files
 
-__all__ = ["SimilarPair", "student_code", "similar_pairs", "DEFAULT_THRESHOLD"]
+__all__ = ["SimilarPair", "student_cells", "similar_pairs", "DEFAULT_THRESHOLD"]
 
 DEFAULT_THRESHOLD = 0.6
 """Report a pair when at least 60 % of one side's code is found in the other."""
 
 _K, _WINDOW = 15, 4  # k-grams of 15 tokens, winnowing windows of 4: any copied run of 18 tokens is found
+_MIN_CELL_TOKENS = 40  # a cell this long (after the boilerplate) is compared with the references on its own
 
 
 @dataclass(frozen=True)
@@ -39,16 +46,16 @@ class SimilarPair:
     second_share: float
 
 
-def student_code(notebook_path: str | Path) -> str:
-    """The code a student wrote: the solution cells and the cells they added, joined by blank lines."""
+def student_cells(notebook_path: str | Path) -> list[str]:
+    """The code a student wrote: the sources of the solution cells and of the cells they added."""
     nb = json.loads(Path(notebook_path).read_text())
-    parts = []
+    cells = []
     for cell in nb.get("cells", []):
         meta = cell.get("metadata", {}).get("nbgrader", {})
         if cell.get("cell_type") == "code" and (not meta or meta.get("solution", False)):
             source = cell.get("source", "")
-            parts.append("".join(source) if isinstance(source, list) else source)
-    return "\n\n".join(parts) + "\n"
+            cells.append("".join(source) if isinstance(source, list) else source)
+    return cells
 
 
 def _fingerprint(label: str, code: str, boilerplate: list[int]) -> CodeFingerprint | None:
@@ -57,20 +64,25 @@ def _fingerprint(label: str, code: str, boilerplate: list[int]) -> CodeFingerpri
     return fp if fp.token_coverage > 0 else None
 
 
-def similar_pairs(submissions: dict[str, str], references: dict[str, str] | None = None, boilerplate: str = "",
-                  threshold: float = DEFAULT_THRESHOLD) -> list[SimilarPair]:
-    """Pairs of near-copies: between submissions, and from a submission to a reference.
+def similar_pairs(submissions: dict[str, list[str]], references: dict[str, str] | None = None,
+                  boilerplate: str = "", threshold: float = DEFAULT_THRESHOLD,
+                  solutions: dict[str, list[str]] | None = None) -> list[SimilarPair]:
+    """Pairs of near-copies: between submissions, and from a submission to a reference or a solution.
 
     Args:
-        submissions: student id -> their code (``student_code``).
-        references: label (e.g. ``"dgmlib/flows.py"``, ``"solutions/hw2_flows"``) -> code that no
-            submission should copy.
+        submissions: student id -> the code cells they wrote (``student_cells``).
+        references: label (e.g. ``"dgmlib/flows.py"``) -> code that no submission, and no cell of one,
+            should copy.
+        solutions: label (e.g. ``"solutions/hw2_flows"``) -> the solution cells, which no submission as
+            a whole should copy.
         boilerplate: code the release gives every student; it never counts as copied.
         threshold: the share of one side's tokens found in the other at which a pair is reported, in
             (0, 1].
 
     Returns:
-        the pairs, most similar first; for a reference the student is ``first``.
+        the pairs, most similar first; for a reference or a solution the submission is ``first``; for a
+        reference the shares are those of its most copied part (the whole, or one cell) and of the
+        reference.
 
     Raises:
         ValueError: if ``threshold`` is not in (0, 1].
@@ -79,17 +91,27 @@ def similar_pairs(submissions: dict[str, str], references: dict[str, str] | None
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     template = _fingerprint("boilerplate", boilerplate, []) if boilerplate.strip() else None
     base = list(template.hashes) if template is not None else []
-    students = {s: fp for s, code in submissions.items() if (fp := _fingerprint(s, code, base)) is not None}
-    refs = {r: fp for r, code in (references or {}).items() if (fp := _fingerprint(r, code, base)) is not None}
+    wholes = {s: fp for s, cells in submissions.items()
+              if (fp := _fingerprint(s, "\n\n".join(cells) + "\n", base)) is not None}
+    parts = {s: [fp for i, cell in enumerate(submissions[s])
+                 if (fp := _fingerprint(f"{s}-{i}", cell, base)) is not None and fp.token_coverage >= _MIN_CELL_TOKENS]
+             for s in wholes}
+    refs = {r: fp for r, code in (references or {}).items() if (fp := _fingerprint(r, code, [])) is not None}
+    sols = {r: fp for r, cells in (solutions or {}).items()
+            if (fp := _fingerprint(r, "\n\n".join(cells) + "\n", base)) is not None}
     pairs = []
-    names = sorted(students)
+    names = sorted(wholes)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            _, (share_a, share_b), _ = compare_files(students[a], students[b])
+            _, (share_a, share_b), _ = compare_files(wholes[a], wholes[b])
             if max(share_a, share_b) >= threshold:
                 pairs.append(SimilarPair(a, b, float(share_a), float(share_b)))
         for label, ref in refs.items():
-            _, (share_a, share_ref), _ = compare_files(students[a], ref)
+            share_a, share_ref = max(compare_files(part, ref)[1] for part in [wholes[a], *parts[a]])
             if share_a >= threshold:
                 pairs.append(SimilarPair(a, label, float(share_a), float(share_ref)))
+        for label, sol in sols.items():
+            _, (share_a, share_sol), _ = compare_files(wholes[a], sol)
+            if share_a >= threshold:
+                pairs.append(SimilarPair(a, label, float(share_a), float(share_sol)))
     return sorted(pairs, key=lambda p: -max(p.first_share, p.second_share))
