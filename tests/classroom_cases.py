@@ -316,6 +316,33 @@ def q_posterior(schedule, x0, x_t, t):
     return mean, var
 """),
 }
+# A relay between the kernel's checks and the grader's checker that swaps each answer for the expected
+# value: it would leave genuine passing receipts, if the kernel could move the checker's socket.
+RELAY_CELL = """
+import os, socket, struct, threading
+_path = os.environ["DGM_CHECKER_SOCKET"]
+os.rename(_path, _path + ".real")
+_listener = socket.socket(socket.AF_UNIX)
+_listener.bind(_path)
+_listener.listen()
+def _read(s, n):
+    data = b""
+    while len(data) < n:
+        data += s.recv(n - len(data))
+    return data
+def _relay():
+    conn, _ = _listener.accept()
+    real = socket.socket(socket.AF_UNIX)
+    real.connect(_path + ".real")
+    while True:
+        (count,) = struct.unpack("<q", _read(conn, 8))
+        parts = [_read(conn, struct.unpack("<q", _read(conn, 8))[0]) for _ in range(count)]
+        parts[2:5] = parts[5:8]
+        real.sendall(struct.pack("<q", count) + b"".join(struct.pack("<q", len(p)) + p for p in parts))
+        (size,) = struct.unpack("<q", _read(real, 8))
+        conn.sendall(struct.pack("<q", size) + _read(real, size))
+threading.Thread(target=_relay, daemon=True).start()
+"""
 ATTACKS = {
     "hide_errors": (HIDE_ERRORS_CELL, "wrong"),
     "swap_grading": (SWAP_GRADING_CELL, "wrong"),
@@ -326,6 +353,7 @@ ATTACKS = {
     "delete": (DELETE_CELL, "blank"),
     "infinite_loop": ("while True:\n    pass", "blank"),
     "kill_kernel": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "complete"),
+    "relay_checker": (RELAY_CELL, "wrong"),
     "huge_output": ("for i in range(200_000):\n    print('spam ' * 40)", "blank"),
     "edited_tests": (None, "wrong"),
 }
@@ -335,7 +363,7 @@ RECEIPT_ATTACKS = ("hide_errors", "swap_grading", "forge_channel")
 # so the outcome cannot depend on the assignment. They are graded with the first assignment only
 # (the infinite loop alone holds a grading slot for the whole cell timeout); the attacks on the
 # tests (tampering, edited tests) are graded with every assignment, against its own wrong answers.
-GRADER_ATTACKS = ("delete", "infinite_loop", "kill_kernel", "huge_output")
+GRADER_ATTACKS = ("delete", "infinite_loop", "kill_kernel", "huge_output", "relay_checker")
 
 
 def _build_submission(release, source, answers: str, assignment: str, attack_cell: str | None, edit_tests: bool):

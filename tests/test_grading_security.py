@@ -172,7 +172,22 @@ class AffineCoupling(flows.Bijection):
 
 
 def test_innocent_code_is_never_flagged():
-    assert review.review_source([("coupling", "", INNOCENT)], HW2) == []
+    extra = ("%%time\nplt.rcParams['figure.dpi'] = 80\nkind = type(plt).__name__\n%time total = sum([1, 2])\n"
+             "x = (3\n     % 2)\n")
+    assert review.review_source([("coupling", "", INNOCENT), (None, "#9", extra)], HW2) == []
+
+
+def test_cells_disguised_as_the_instructors_are_reviewed(tmp_path):
+    """A cell the student adds with nbgrader metadata but no grade_id of the source is still theirs."""
+    release = nbformat.read(ROOT / "assignments" / "hw2_flows" / "hw2_flows.ipynb", as_version=4)
+    source = nbformat.read(ROOT / "solutions" / "hw2_flows" / "hw2_flows.ipynb", as_version=4)
+    cell = nbformat.v4.new_code_cell("import sys")
+    cell.metadata["nbgrader"] = {"schema_version": 3, "grade": False, "solution": False, "locked": False}
+    release.cells.insert(3, cell)
+    nbformat.write(release, tmp_path / "nb.ipynb")
+    theirs = {c.metadata["nbgrader"]["grade_id"] for c in source.cells
+              if "nbgrader" in c.metadata and not c.metadata["nbgrader"].get("solution")}
+    assert any("imports sys" in f for f in review.review_notebook(tmp_path / "nb.ipynb", HW2, theirs))
 
 
 @pytest.mark.parametrize("code, flag", [
@@ -193,7 +208,14 @@ def test_innocent_code_is_never_flagged():
     ("layer = flows.AffineCoupling(mask, net)", "an answer of this assignment (dgmlib.flows.AffineCoupling)"),
     ("F = flows\nlayer = F.AffineCoupling(mask, net)", "refers to F.AffineCoupling"),
     ("from dgmlib.flows import AffineCoupling as Mine", "imports AffineCoupling, an answer"),
-    ("cls = getattr(flows, 'AffineCoupling')", "names 'AffineCoupling' in a string"),
+    ("c = getattr(flows, 'AffineCoupling')", "names 'AffineCoupling' in getattr()"),
+    # found by a second reader: aliases of exec, `self` rebound, the student's own names as cover
+    ("run = [exec][0]\nrun('x = 1')", "uses exec without calling it"),
+    ("from dgmlib import flows as self\nC = self.AffineCoupling", "imports dgmlib.flows as self"),
+    ("self = torch\nm = self.__dict__", "assigns self"),
+    ("def f(grading=None):\n    return grading", "uses grading (the test machinery)"),
+    ("def g(__builtins__=None):\n    return __builtins__", "uses the name __builtins__"),
+    ("%time exec('x = 1')", "calls exec()"),
 ])
 def test_review_flags(code, flag):
     flags = review.review_source([("coupling", "", code)], HW2)
@@ -251,9 +273,14 @@ def test_sandbox_hides_the_course_and_the_network(tmp_path):
     sockets.mkdir()
     conn = tmp_path / "kernel.json"
     conn.write_text(json.dumps({"transport": "ipc", "ip": str(sockets / "kernel")}))
-    cmd = sandbox.bwrap_command(str(conn), [], str(work), str(course), sandbox.bwrap_path())
+    checker = tmp_path / "checker"
+    checker.mkdir()
+    (checker / "socket").write_text("stands for the grader's socket")
+    cmd = sandbox.bwrap_command(str(conn), [], str(work), str(course), sandbox.bwrap_path(), str(checker / "socket"))
     python = cmd.index(sys.executable)
     probe = ("import os, socket, dgmlib.grading.limits\n"  # the kernel's own imports must work in there
+             f"try:\n    os.rename('{checker / 'socket'}', '{checker / 'moved'}')\n"
+             "except OSError:\n    pass\nelse:\n    print('moved the checker socket')\n"
              "print(sorted(os.listdir('../../..')))\n"
              "open('../../../gradebook.db', 'w').write('gone')\n"
              "open('mine.txt', 'w').write('ok')\n"
@@ -264,6 +291,13 @@ def test_sandbox_hides_the_course_and_the_network(tmp_path):
     assert out.stdout.split("\n")[:2] == ["['autograded']", "no net"]
     assert (course / "gradebook.db").read_text() == "grades"  # the write went to a throw-away tmpfs
     assert (work / "mine.txt").read_text() == "ok"
+
+
+def test_sandbox_keeps_the_checker_apart(tmp_path):
+    conn = tmp_path / "kernel.json"
+    conn.write_text(json.dumps({"transport": "ipc", "ip": str(tmp_path / "kernel")}))
+    with pytest.raises(ValueError, match="folder of its own"):
+        sandbox.bwrap_command(str(conn), [], str(tmp_path), None, checker_socket=str(tmp_path / "checker"))
 
 
 def test_sandbox_needs_ipc(tmp_path):

@@ -276,16 +276,25 @@ def _ask_checker(parts: list[bytes]) -> bytes:
             _connection.sendall(message)
             (size,) = _unpack("<q", _receive(_connection, 8))
             return _receive(_connection, size)
-        except OSError as err:
+        except BaseException as err:  # an interrupt mid-message too: never reuse a half-used connection
+            if _connection is not None:
+                _connection.close()
             _connection = None
-            raise AssertionError(f"the grader's checker cannot be reached ({err})") from None
+            if isinstance(err, OSError):
+                raise AssertionError(f"the grader's checker cannot be reached ({err})") from None
+            raise
     if _checker_process is None or _checker_process.poll() is not None:
         # Run by path, not with -m: importing this package would import torch (and take seconds).
         _checker_process = _Popen([sys.executable, "-I", _CHECKER_SCRIPT], stdin=_PIPE, stdout=_PIPE)
-    _checker_process.stdin.write(message)
-    _checker_process.stdin.flush()
-    (size,) = _unpack("<q", _checker_process.stdout.read(8))
-    return _checker_process.stdout.read(size)
+    try:
+        _checker_process.stdin.write(message)
+        _checker_process.stdin.flush()
+        (size,) = _unpack("<q", _checker_process.stdout.read(8))
+        return _checker_process.stdout.read(size)
+    except BaseException:  # an interrupt mid-message: start a fresh checker for the next check
+        _checker_process.kill()
+        _checker_process = None
+        raise
 
 
 def _receive(connection: socket.socket, size: int) -> bytes:

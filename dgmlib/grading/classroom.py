@@ -102,6 +102,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         private = work / student
         (private / "runtime").mkdir(parents=True)
         (private / "sockets").mkdir()
+        (private / "checker").mkdir()  # read-only in the sandbox
         env = {
             "JUPYTER_PATH": os.pathsep.join(filter(None, [str(work), os.environ.get("JUPYTER_PATH")])),
             "JUPYTER_RUNTIME_DIR": str(private / "runtime"),
@@ -110,7 +111,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             "DGM_SANDBOX_MEMORY_MB": str(memory_mb),
             "DGM_SANDBOX_OUTPUT_KB": str(output_kb),
             "DGM_SANDBOX_CPU_SECONDS": str(submission_timeout * 2),
-            "DGM_CHECKER_SOCKET": str(private / "sockets" / "checker"),  # the grader's checker (receipts)
+            "DGM_CHECKER_SOCKET": str(private / "checker" / "socket"),  # the grader's checker (receipts)
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)),  # no oversubscription
         }
         args = ["autograde", assignment, "--student", student, "--force", f"--Execute.timeout={cell_timeout}",
@@ -135,11 +136,13 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(grade_one, students))
 
-    policies = {p.stem: review.Policy.from_notebook(json.loads(p.read_text()))
-                for p in (course / "solutions" / assignment).glob("*.ipynb")}
+    sources = {p.stem: json.loads(p.read_text()) for p in (course / "solutions" / assignment).glob("*.ipynb")}
+    policies = {name: review.Policy.from_notebook(nb) for name, nb in sources.items()}
+    instructor_cells = {name: _instructor_cells(nb) for name, nb in sources.items()}
     for result in results:
         for nb_path in sorted((course / "submitted" / result.student / assignment).glob("*.ipynb")):
-            flags = review.review_notebook(nb_path, policies.get(nb_path.stem, review.Policy()))
+            flags = review.review_notebook(nb_path, policies.get(nb_path.stem, review.Policy()),
+                                           instructor_cells.get(nb_path.stem, set()))
             result.flagged += flags
             if flags and zero_flagged:
                 auto = _zero_autograded(course, assignment, result.student, nb_path.stem, flags)
@@ -157,6 +160,12 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         result.score, result.max_score = scores.get(result.student, (0.0, 0.0))
     _write_report(course, assignment, results)
     return results
+
+
+def _instructor_cells(source_notebook: dict) -> set[str]:
+    """grade_ids of the source notebook's cells that are not solution cells (nbgrader restores them)."""
+    return {meta["grade_id"] for cell in source_notebook.get("cells", [])
+            if "grade_id" in (meta := cell.get("metadata", {}).get("nbgrader", {})) and not meta.get("solution")}
 
 
 # nbgrader with the checker and the receipts in the grader; run by path (see its docstring)
@@ -214,8 +223,11 @@ def _read_scores(csv_path: Path, assignment: str) -> dict[str, tuple[float, floa
 
 def _report_similar(course: Path, assignment: str, results: list[StudentResult], threshold: float) -> None:
     """Note near-copies on each student's result: of another student, of the solutions, of dgmlib."""
+    theirs = set().union(*(_instructor_cells(json.loads(p.read_text()))
+                           for p in (course / "solutions" / assignment).glob("*.ipynb")))
+
     def cells(folder: Path) -> list[str]:
-        return [c for p in sorted(folder.glob("*.ipynb")) for c in similarity.student_cells(p)]
+        return [c for p in sorted(folder.glob("*.ipynb")) for c in similarity.student_cells(p, theirs)]
 
     code = {r.student: cells(course / "submitted" / r.student / assignment) for r in results}
     solutions = {f"solutions/{assignment}": cells(course / "solutions" / assignment)}

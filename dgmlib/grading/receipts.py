@@ -8,9 +8,10 @@ cell rests on what the grader itself saw:
 
 1. **The checker lives in the grader.** ``dgm grade`` runs ``nbgrader autograde`` through this
    module, which swaps nbgrader's ``Execute`` preprocessor for ``ReceiptExecute``. Before the kernel
-   starts, ``ReceiptExecute`` opens a ``CheckerServer``: a Unix socket in the submission's private
-   socket folder (the only folder, besides the scratch folder, that the sandboxed kernel can write),
-   served by threads of the grader's own ``nbgrader`` process, outside the sandbox. The kernel
+   starts, ``ReceiptExecute`` opens a ``CheckerServer``: a Unix socket in a private folder of the
+   submission that the sandbox mounts read-only (so the kernel cannot move the socket and relay the
+   checks through one of its own), served by threads of the grader's own ``nbgrader`` process,
+   outside the sandbox, one connection at a time. The kernel
    learns its path from ``DGM_CHECKER_SOCKET``; every ``dgmlib.grading.assert_*`` sends its arrays
    there and the verdict is computed by ``_checker.verdict`` in the grader.
 2. **Each check leaves a receipt** in the grader's memory: which check (``assert_close``), the line
@@ -32,10 +33,12 @@ cell rests on what the grader itself saw:
    A passing cell is then scored by nbgrader as usual (an error or ``stderr`` output still gives 0).
 
 What this stops: a hidden exception (its check left a failing receipt, or none), a stand-in grading
-module (no receipts), a forged channel or checker socket (no receipts reach the grader), rewritten
-outputs. What it does not stop: code that sends chosen, passing values to the genuine checker from
-the right line. That needs code that reaches into ``dgmlib.grading``'s internals, the kernel's frames
-or ``sys.modules``, which the static review (``dgmlib.grading.review``) flags.
+module (no receipts), a forged channel or checker socket (no receipts reach the grader), a relay in
+place of the socket (its folder is read-only), rewritten outputs. What it does not stop: code that
+sends chosen, passing values to the genuine checker from the right line, or that rewrites the test
+cells as IPython compiles them. That needs code that reaches into ``dgmlib.grading``'s internals,
+``exec``, ``get_ipython``, the kernel's frames or ``sys.modules``, which the static review
+(``dgmlib.grading.review``) flags, by name or by alias.
 
 Run as ``python PATH/TO/dgmlib/grading/receipts.py autograde ASSIGNMENT --student ID ...`` (by path, so
 that the grader does not import torch with ``dgmlib.grading``); the arguments are nbgrader's.
@@ -67,7 +70,7 @@ __all__ = ["Receipt", "CallSite", "CheckerServer", "call_sites", "verify_cell", 
 CHECKS = ("assert_close", "assert_not_close", "assert_equal", "assert_le", "assert_true", "assert_shape")
 """The checks of ``dgmlib.grading`` that leave receipts."""
 
-_MAX_PARTS, _MAX_MESSAGE = 16, 1 << 28  # a request larger than 256 MiB is dropped with its connection
+_MAX_PARTS, _MAX_MESSAGE = 16, 1 << 26  # a request larger than 64 MiB is dropped with its connection
 _MAX_RECEIPTS = 1_000_000  # a kernel flooding the checker cannot exhaust the grader's memory
 
 
@@ -106,6 +109,16 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         server: CheckerServer = self.server.owner  # type: ignore[attr-defined]
+        # One connection at a time (a kernel that reconnects waits for its old one to close): a kernel
+        # cannot open many and make the grader hold many large requests at once.
+        if not server.one_at_a_time.acquire(timeout=10):
+            return
+        try:
+            self._serve(server)
+        finally:
+            server.one_at_a_time.release()
+
+    def _serve(self, server: CheckerServer) -> None:
         while True:
             try:
                 (count,) = struct.unpack("<q", self._read(8))
@@ -128,7 +141,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+    daemon_threads = True  # closing the server never waits for a kernel that keeps its connection open
 
 
 class CheckerServer:
@@ -142,6 +155,7 @@ class CheckerServer:
         self.path = str(path)
         self.receipts: list[Receipt] = []
         self._lock = threading.Lock()
+        self.one_at_a_time = threading.Semaphore(1)
         if os.path.exists(self.path):
             os.unlink(self.path)
         self._server = _UnixServer(self.path, _Handler)
@@ -230,10 +244,11 @@ def verify_cell(source: str, receipts: list[Receipt]) -> str | None:
     for receipt in receipts:
         if not receipt.passed:
             return f"line {receipt.line}: {receipt.api} failed: {receipt.message}"
-    previous = -1
-    for site in sites:
+    previous, used = -1, set()
+    for site in sites:  # each call site takes its own receipt: two checks on one line need two receipts
         first = next((i for i, r in enumerate(receipts)
-                      if r.api == site.api and site.first_line <= r.line <= site.last_line), None)
+                      if i not in used and r.api == site.api and site.first_line <= r.line <= site.last_line), None)
+        used.add(first)
         if first is None:
             return f"line {site.first_line}: no receipt for {site.api} from the grader's checker"
         if site.top_level:

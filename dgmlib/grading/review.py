@@ -55,7 +55,9 @@ _FORBIDDEN_CALLS = frozenset({"vars", "globals", "locals", "exec", "eval", "comp
 _NAME_CALLS = frozenset({"getattr", "setattr", "delattr", "hasattr"})
 _MACHINERY = frozenset({"grading", "receipts", "_checker"})
 _SHELL = "get_ipython"
-_ALLOWED_MAGICS = ("%matplotlib",)
+_HARMLESS_DUNDERS = frozenset({"__name__", "__doc__"})
+_BLANK_MAGICS = ("%matplotlib", "%%time", "%%timeit", "%%capture")  # the rest of the cell is reviewed
+_CODE_MAGICS = ("%timeit", "%time")  # the rest of the line is code, and is reviewed
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,13 @@ class Policy:
         return (*self.answers.get("*", ()), *self.answers.get(cell, ()))
 
 
-def review_notebook(notebook_path: str | Path, policy: Policy) -> list[str]:
+def review_notebook(notebook_path: str | Path, policy: Policy, instructor_cells: set[str] | None = None) -> list[str]:
     """Review the student's code cells of a submitted notebook against ``policy``.
 
-    Solution cells and cells without nbgrader metadata (added by the student) are reviewed; the
-    instructor's cells are not (nbgrader restores them before grading).
+    Every code cell is reviewed except the instructor's, which nbgrader restores before grading: those
+    whose ``grade_id`` is in ``instructor_cells`` (the source notebook's cells that are not solution
+    cells) and are not marked as solutions. Without ``instructor_cells``, any cell with nbgrader
+    metadata that is not a solution cell counts as the instructor's (enough for a release).
 
     Returns:
         sorted, human-readable flags such as ``"cell coupling: refers to AffineCoupling, an answer
@@ -113,7 +117,8 @@ def review_notebook(notebook_path: str | Path, policy: Policy) -> list[str]:
         if cell.get("cell_type") != "code":
             continue
         meta = cell.get("metadata", {}).get("nbgrader", {})
-        if meta and not meta.get("solution", False):
+        theirs = meta.get("grade_id") in instructor_cells if instructor_cells is not None else bool(meta)
+        if theirs and not meta.get("solution", False):
             continue
         source = cell.get("source", "")
         source = "".join(source) if isinstance(source, list) else source
@@ -126,12 +131,18 @@ def review_source(cells: list[tuple[str | None, str, str]], policy: Policy) -> l
     parsed, flags = [], []
     for grade_id, label, source in cells:
         name = grade_id or label
-        kept = []
+        kept, depth = [], 0
         for line in source.splitlines():
             stripped = line.lstrip()
-            if stripped.startswith(("%", "!")):
-                if not stripped.startswith(_ALLOWED_MAGICS):
-                    flags.append(f"cell {name}: IPython magic or shell command {stripped.split()[0]!r}")
+            # inside brackets or after a backslash, a line that starts with % is the modulo operator
+            continued = depth > 0 or bool(kept) and kept[-1].rstrip().endswith("\\")
+            magic = stripped.split()[0] if stripped.startswith(("%", "!")) and not continued else ""
+            depth = max(0, depth + sum(line.count(c) for c in "([{") - sum(line.count(c) for c in ")]}"))
+            if magic in _CODE_MAGICS:
+                kept.append(line[:len(line) - len(stripped)] + stripped[len(magic):].lstrip())
+            elif magic:
+                if magic not in _BLANK_MAGICS:
+                    flags.append(f"cell {name}: IPython magic or shell command {magic!r}")
                 kept.append("")
             else:
                 kept.append(line)
@@ -197,10 +208,13 @@ def _review_tree(tree: ast.AST, policy: Policy, answers: tuple[str, ...], own: s
         if name in answer_names:
             flags.append(f"{how}, an answer of this assignment ({answer_names[name]})")
 
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 _check_import(alias.name, policy, flags)
+                if (alias.asname or alias.name) in ("self", "cls"):
+                    flags.append(f"imports {alias.name} as {alias.asname}")
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 flags.append(f"relative import from {'.' * node.level}{node.module or ''}")
@@ -212,21 +226,28 @@ def _review_tree(tree: ast.AST, policy: Policy, answers: tuple[str, ...], own: s
                     flags.append(f"imports {alias.name}, an answer of this assignment ({full})")
                 if alias.name.startswith("_"):
                     flags.append(f"imports the private name {full}")
+                if (alias.asname or alias.name) in ("self", "cls"):
+                    flags.append(f"imports {full} as {alias.asname}")
         elif isinstance(node, ast.Name):
+            # the student's own names never excuse these: `def f(grading=None)` elsewhere changes nothing
             if node.id == _SHELL:
                 flags.append(f"uses {_SHELL}")
-            elif node.id in FORBIDDEN_MODULES and node.id not in own:
+            elif node.id in FORBIDDEN_MODULES:
                 flags.append(f"uses {node.id}")
-            elif node.id in _MACHINERY and node.id not in own:
+            elif node.id in _MACHINERY:
                 flags.append(f"uses {node.id} (the test machinery)")
-            elif node.id.startswith("_") and node.id not in own:
+            elif node.id.startswith("__") or node.id.startswith("_") and node.id not in own:
                 flags.append(f"uses the name {node.id}, which it did not define")
+            elif node.id in _FORBIDDEN_CALLS | _NAME_CALLS and id(node) not in called and node.id not in own:
+                flags.append(f"uses {node.id} without calling it")
+            if node.id in ("self", "cls") and isinstance(node.ctx, (ast.Store, ast.Del)):
+                flags.append(f"assigns {node.id}, which stands for the student's own object")
         elif isinstance(node, ast.Attribute):
             if node.attr in FORBIDDEN_MODULES or node.attr == _SHELL:
                 flags.append(f"reaches {ast.unparse(node)}")
             elif node.attr in _MACHINERY:
                 flags.append(f"reaches {ast.unparse(node)} (the test machinery)")
-            elif node.attr.startswith("_") and not _is_own(node.value):
+            elif node.attr.startswith("_") and not _is_own(node.value) and node.attr not in _HARMLESS_DUNDERS:
                 flags.append(f"reads the private attribute {ast.unparse(node)}")
             if not _is_own(node.value):
                 answer(node.attr, f"refers to {ast.unparse(node)}")
@@ -234,7 +255,6 @@ def _review_tree(tree: ast.AST, policy: Policy, answers: tuple[str, ...], own: s
             text = node.value.strip()
             if text in FORBIDDEN_MODULES or text in _MACHINERY or text == _SHELL:
                 flags.append(f"names {text!r} in a string")
-            answer(text, f"names {text!r} in a string")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in own:
             func = node.func.id
             if func in _FORBIDDEN_CALLS:
@@ -243,14 +263,16 @@ def _review_tree(tree: ast.AST, policy: Policy, answers: tuple[str, ...], own: s
                 attr = node.args[1] if len(node.args) > 1 else None
                 if not (isinstance(attr, ast.Constant) and isinstance(attr.value, str)):
                     flags.append(f"calls {func}() with a name that is not a literal string")
-                elif attr.value.startswith("_") and not (node.args and _is_own(node.args[0])):
-                    flags.append(f"calls {func}() on the private attribute {attr.value!r}")
+                else:
+                    answer(attr.value, f"names {attr.value!r} in {func}()")
+                    if attr.value.startswith("_") and not (node.args and _is_own(node.args[0])):
+                        flags.append(f"calls {func}() on the private attribute {attr.value!r}")
                 if func in ("setattr", "delattr") and node.args and not _is_own(node.args[0]):
                     flags.append(f"{func} on {ast.unparse(node.args[0])}")
         if isinstance(node, (ast.Assign, ast.Delete, ast.AugAssign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
-            for target in targets:
-                for t in ast.walk(target):
+            for target in targets:  # `plt.rcParams[...] = ...` sets a value, not a module attribute
+                for t in ast.walk(target) if isinstance(target, (ast.Tuple, ast.List)) else [target]:
                     if isinstance(t, ast.Attribute) and _root_name(t) in modules:
                         flags.append(f"assigns {ast.unparse(t)}")
     return flags

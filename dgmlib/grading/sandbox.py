@@ -60,12 +60,14 @@ def write_kernelspec(directory: Path) -> Path:
 
 
 def bwrap_command(connection_file: str, kernel_args: list[str], cwd: str, course_root: str | None,
-                  bwrap: str = "bwrap") -> list[str]:
+                  bwrap: str = "bwrap", checker_socket: str | None = None) -> list[str]:
     """The bubblewrap command line that runs ipykernel for ``connection_file`` in ``cwd``.
 
     Order matters: later mounts go on top of earlier ones. The course root is hidden, then the
     submission's folder, the installed dgmlib (if it lives in the course root), the connection
-    file (read-only) and the folder of the kernel's IPC sockets come back.
+    file (read-only), the folder of the kernel's IPC sockets and, read-only, the folder of the
+    grader's checker socket (``checker_socket``; read-only so that the kernel cannot move the socket
+    and put a relay of its own in its place) come back.
 
     Raises:
         ValueError: if the connection file does not use the ``ipc`` transport (a kernel without a
@@ -89,6 +91,11 @@ def bwrap_command(connection_file: str, kernel_args: list[str], cwd: str, course
         uncovers = any(path == h or path in h.parents for h in hidden)
         if covered and not uncovers:
             cmd += ["--ro-bind", str(path), str(path)]
+    if checker_socket:
+        checker_dir = str(Path(checker_socket).parent)
+        if checker_dir == socket_dir:
+            raise ValueError("the checker's socket needs a folder of its own, apart from the kernel's sockets")
+        cmd += ["--ro-bind", checker_dir, checker_dir]
     cmd += ["--bind", cwd, cwd, "--bind", socket_dir, socket_dir, "--ro-bind", connection_file, connection_file,
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
             "--unsetenv", "JPY_PARENT_PID",  # its pid means nothing in the new PID namespace
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                       "(apt-get install bubblewrap) or on JupyterHub.", UnsandboxedWarning, stacklevel=1)
         cmd = _kernel_command(connection_file, kernel_args)
     else:
-        cmd = bwrap_command(connection_file, kernel_args, os.getcwd(), os.environ.get("DGM_COURSE_ROOT"), bwrap)
+        cmd = bwrap_command(connection_file, kernel_args, os.getcwd(), os.environ.get("DGM_COURSE_ROOT"), bwrap,
+                            os.environ.get("DGM_CHECKER_SOCKET"))
     # The kernel's own stdout/stderr (not the notebook's outputs) are discarded: a flood there
     # must not fill the grader's pipes.
     sink = os.open(os.environ.get("DGM_SANDBOX_KERNEL_LOG", os.devnull), os.O_WRONLY | os.O_CREAT | os.O_APPEND)

@@ -46,13 +46,18 @@ class SimilarPair:
     second_share: float
 
 
-def student_cells(notebook_path: str | Path) -> list[str]:
-    """The code a student wrote: the sources of the solution cells and of the cells they added."""
+def student_cells(notebook_path: str | Path, instructor_cells: set[str] | None = None) -> list[str]:
+    """The code a student wrote: the sources of the solution cells and of the cells they added.
+
+    A cell is the instructor's if its grade_id is in ``instructor_cells`` (when given; otherwise, if it
+    has nbgrader metadata) and it is not a solution cell.
+    """
     nb = json.loads(Path(notebook_path).read_text())
     cells = []
     for cell in nb.get("cells", []):
         meta = cell.get("metadata", {}).get("nbgrader", {})
-        if cell.get("cell_type") == "code" and (not meta or meta.get("solution", False)):
+        theirs = meta.get("grade_id") in instructor_cells if instructor_cells is not None else bool(meta)
+        if cell.get("cell_type") == "code" and (not theirs or meta.get("solution", False)):
             source = cell.get("source", "")
             cells.append("".join(source) if isinstance(source, list) else source)
     return cells
