@@ -218,7 +218,8 @@ def test_cells_disguised_as_the_instructors_are_reviewed(tmp_path):
     ("%time exec('x = 1')", "calls exec()"),
 ])
 def test_review_flags(code, flag):
-    flags = review.review_source([("coupling", "", code)], HW2)
+    setup = {"math", "plt", "torch", "nn", "data", "flows", "grading", "plots", "train", "fast_mode", "pick"}
+    flags = review.review_source([("coupling", "", code)], HW2, imported=setup)
     assert any(flag in f for f in flags), flags
 
 

@@ -14,11 +14,39 @@ import sys
 import numpy as np
 
 
+_MAX_PARTS, _MAX_MESSAGE = 16, 1 << 26  # a request larger than 64 MiB is refused
+
+
 def _read(stream, n: int) -> bytes:
     data = stream.read(n)
     if len(data) != n:
         raise EOFError
     return data
+
+
+def read_request(stream) -> list[bytes]:
+    """Read one request of length-prefixed parts from a binary stream.
+
+    Raises:
+        EOFError: at the end of the input. ValueError: if the request has too many parts or bytes.
+    """
+    (count,) = struct.unpack("<q", _read(stream, 8))
+    if not 0 < count <= _MAX_PARTS:
+        raise ValueError(f"a request has 1 to {_MAX_PARTS} parts, got {count}")
+    parts, total = [], 0
+    for _ in range(count):
+        (size,) = struct.unpack("<q", _read(stream, 8))
+        total += size
+        if size < 0 or total > _MAX_MESSAGE:
+            raise ValueError(f"a request holds at most {_MAX_MESSAGE} bytes")
+        parts.append(_read(stream, size))
+    return parts
+
+
+def write_answer(stream, answer: bytes) -> None:
+    """Write one length-prefixed answer and flush."""
+    stream.write(struct.pack("<q", len(answer)) + answer)
+    stream.flush()
 
 
 _MAX_ELEMENTS = 1 << 24  # 128 MiB in float64: far above what a test compares
@@ -64,22 +92,16 @@ def verdict(parts: list[bytes]) -> str:
 
 def main() -> None:
     """Serve requests on stdin/stdout until stdin closes."""
-    rd, wr = sys.stdin.buffer, sys.stdout.buffer
     while True:
         try:
-            (count,) = struct.unpack("<q", _read(rd, 8))
-            parts = []
-            for _ in range(count):
-                (size,) = struct.unpack("<q", _read(rd, 8))
-                parts.append(_read(rd, size))
-        except EOFError:
+            parts = read_request(sys.stdin.buffer)
+        except (EOFError, ValueError):
             return
         try:
             answer = verdict(parts).encode()
         except Exception as err:  # noqa: BLE001 - any malformed request is a failed check
             answer = f"malformed check: {err}".encode()
-        wr.write(struct.pack("<q", len(answer)) + answer)
-        wr.flush()
+        write_answer(sys.stdout.buffer, answer)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         use_sandbox: run kernels in bubblewrap (off only for debugging).
         zero_flagged: give every autograded cell of a flagged submission a manual score of 0 with a
             comment naming the flags (nbgrader's own override; review and clear it in formgrader).
-        similarity: the share of code at which two submissions, or a submission and dgmlib or the
+        similarity_threshold: the share of code at which two submissions, or a submission and dgmlib or the
             solutions, are reported as near-copies (reported only, never zeroed).
 
     Returns:
@@ -153,7 +153,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
                 result.timed_out += timed_out
                 result.crashed += crashed
                 result.unverified += unverified
-    _report_similar(course, assignment, results, similarity_threshold)
+    _report_similar(course, assignment, results, similarity_threshold, set().union(*instructor_cells.values()))
     _run_nbgrader(["export", "--to", str(course / "grades.csv")], course, work / "export.log", None, 600)
     scores = _read_scores(course / "grades.csv", assignment)
     for result in results:
@@ -221,13 +221,11 @@ def _read_scores(csv_path: Path, assignment: str) -> dict[str, tuple[float, floa
                 for row in csv.DictReader(fh) if row["assignment"] == assignment}
 
 
-def _report_similar(course: Path, assignment: str, results: list[StudentResult], threshold: float) -> None:
+def _report_similar(course: Path, assignment: str, results: list[StudentResult], threshold: float,
+                    instructor_cells: set[str]) -> None:
     """Note near-copies on each student's result: of another student, of the solutions, of dgmlib."""
-    theirs = set().union(*(_instructor_cells(json.loads(p.read_text()))
-                           for p in (course / "solutions" / assignment).glob("*.ipynb")))
-
     def cells(folder: Path) -> list[str]:
-        return [c for p in sorted(folder.glob("*.ipynb")) for c in similarity.student_cells(p, theirs)]
+        return [c for p in sorted(folder.glob("*.ipynb")) for c in similarity.student_cells(p, instructor_cells)]
 
     code = {r.student: cells(course / "submitted" / r.student / assignment) for r in results}
     solutions = {f"solutions/{assignment}": cells(course / "solutions" / assignment)}

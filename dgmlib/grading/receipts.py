@@ -61,16 +61,15 @@ from nbformat.notebooknode import NotebookNode
 from nbgrader.preprocessors import Execute
 
 if __package__:  # imported as dgmlib.grading.receipts
-    from dgmlib.grading._checker import verdict
+    from dgmlib.grading._checker import read_request, verdict, write_answer
 else:  # run by path (``dgm grade``): importing the dgmlib.grading package would import torch, seconds per student
-    from _checker import verdict
+    from _checker import read_request, verdict, write_answer
 
 __all__ = ["Receipt", "CallSite", "CheckerServer", "call_sites", "verify_cell", "ReceiptExecute", "CHECKS", "main"]
 
 CHECKS = ("assert_close", "assert_not_close", "assert_equal", "assert_le", "assert_true", "assert_shape")
 """The checks of ``dgmlib.grading`` that leave receipts."""
 
-_MAX_PARTS, _MAX_MESSAGE = 16, 1 << 26  # a request larger than 64 MiB is dropped with its connection
 _MAX_RECEIPTS = 1_000_000  # a kernel flooding the checker cannot exhaust the grader's memory
 
 
@@ -94,18 +93,8 @@ class CallSite:
     top_level: bool
 
 
-class _Handler(socketserver.BaseRequestHandler):
+class _Handler(socketserver.StreamRequestHandler):
     """Serve one kernel connection: read requests until it closes, answer each with a verdict."""
-
-    def _read(self, size: int) -> bytes:
-        chunks, left = [], size
-        while left:
-            chunk = self.request.recv(min(left, 1 << 20))
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
 
     def handle(self) -> None:
         server: CheckerServer = self.server.owner  # type: ignore[attr-defined]
@@ -114,30 +103,12 @@ class _Handler(socketserver.BaseRequestHandler):
         if not server.one_at_a_time.acquire(timeout=10):
             return
         try:
-            self._serve(server)
+            while True:
+                write_answer(self.wfile, server.decide(read_request(self.rfile)))
+        except (EOFError, ValueError, OSError, struct.error):
+            return  # the kernel closed the connection, or sent what is not a request
         finally:
             server.one_at_a_time.release()
-
-    def _serve(self, server: CheckerServer) -> None:
-        while True:
-            try:
-                (count,) = struct.unpack("<q", self._read(8))
-                if not 0 < count <= _MAX_PARTS:
-                    return
-                parts, total = [], 0
-                for _ in range(count):
-                    (size,) = struct.unpack("<q", self._read(8))
-                    total += size
-                    if size < 0 or total > _MAX_MESSAGE:
-                        return
-                    parts.append(self._read(size))
-            except (EOFError, OSError, struct.error):
-                return
-            answer = server.decide(parts)
-            try:
-                self.request.sendall(struct.pack("<q", len(answer)) + answer)
-            except OSError:
-                return
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -6,21 +6,23 @@ reads from ``solutions/``, never from the submission. A cell is flagged when it
 
 - imports a module beyond the policy's list (``COMMON_IMPORTS`` plus the assignment's own), or
   imports relatively;
-- uses ``get_ipython``, IPython magics or shell escapes (``%%``/``%``/``!``, ``%matplotlib`` aside);
+- uses ``get_ipython``, IPython magics or shell escapes (``%``, ``%%``, ``!``); ``%matplotlib`` and
+  ``%%capture`` aside, and ``%time``/``%timeit``/``%%time``, whose code is reviewed;
 - reaches ``importlib``, ``types``, ``sys``, ``gc``, ``inspect``, ``ctypes`` or ``builtins``
   (``FORBIDDEN_MODULES``) by any route: an import, a name, an attribute (``torch.sys``) or a
   string (``getattr(x, "sys")``);
 - reaches ``dgmlib.grading``, the test machinery;
-- reads an attribute that starts with ``_`` of anything but its own ``self``, ``cls`` or
-  ``super()``, or a ``_`` name it did not define (``__builtins__``, ``_ih``);
+- reads an attribute that starts with ``_`` (``__name__`` and ``__doc__`` aside) of anything but its
+  own ``self``, ``cls`` or ``super()``, uses a dunder name, or a ``_`` name it did not define
+  (``__builtins__``, ``_ih``); rebinds ``self`` or ``cls``;
 - calls ``getattr``, ``setattr``, ``delattr`` or ``hasattr`` with a name that is not a literal
-  string, or calls ``vars``, ``globals``, ``locals``, ``exec``, ``eval``, ``compile`` or
-  ``breakpoint``;
+  string, uses ``vars``, ``globals``, ``locals``, ``exec``, ``eval``, ``compile`` or
+  ``breakpoint``, or any of these without calling it (``run = [exec][0]``);
 - assigns to, or ``setattr``-s, an attribute of an imported module (``torch.allclose = ...``);
 - refers to one of the assignment's declared answers (``Policy.answers``, e.g.
   ``dgmlib.flows.AffineCoupling`` in hw2) by any route: importing it, an attribute of that name on
-  anything but ``self`` (``flows.AffineCoupling``, ``F.AffineCoupling`` after ``F = flows``), or a
-  string equal to its name (``getattr(flows, "AffineCoupling")``).
+  anything but ``self`` (``flows.AffineCoupling``, ``F.AffineCoupling`` after ``F = flows``), or its
+  name as the literal of ``getattr`` and the like (``getattr(flows, "AffineCoupling")``).
 
 Comments, docstrings that merely mention a name, helper functions and the student's own names
 (``class AffineCoupling``, ``_helper``, ``self._cache``) are never flagged.
@@ -42,7 +44,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Policy", "COMMON_IMPORTS", "FORBIDDEN_MODULES", "review_notebook", "review_source"]
+__all__ = ["Policy", "COMMON_IMPORTS", "FORBIDDEN_MODULES", "split_cells", "review_notebook", "review_source"]
 
 COMMON_IMPORTS = ("math", "copy", "itertools", "functools", "collections", "dataclasses", "typing", "numpy",
                   "torch", "matplotlib", "tqdm")
@@ -99,35 +101,60 @@ class Policy:
         return (*self.answers.get("*", ()), *self.answers.get(cell, ()))
 
 
-def review_notebook(notebook_path: str | Path, policy: Policy, instructor_cells: set[str] | None = None) -> list[str]:
-    """Review the student's code cells of a submitted notebook against ``policy``.
+def split_cells(notebook: dict, instructor_cells: set[str] | None = None
+                ) -> tuple[list[tuple[str | None, str, str]], list[str]]:
+    """Split a notebook's code cells into the student's and the instructor's.
 
-    Every code cell is reviewed except the instructor's, which nbgrader restores before grading: those
-    whose ``grade_id`` is in ``instructor_cells`` (the source notebook's cells that are not solution
-    cells) and are not marked as solutions. Without ``instructor_cells``, any cell with nbgrader
-    metadata that is not a solution cell counts as the instructor's (enough for a release).
+    The instructor's cells are those nbgrader restores before grading: not marked as solutions, with a
+    ``grade_id`` in ``instructor_cells`` (the source notebook's non-solution cells) or, without
+    ``instructor_cells``, with any nbgrader metadata (enough for a release). Everything else, solution
+    cells and cells added or disguised by the student, is the student's.
 
     Returns:
-        sorted, human-readable flags such as ``"cell coupling: refers to AffineCoupling, an answer
-        of this assignment (dgmlib.flows.AffineCoupling)"``; empty if nothing is flagged.
+        the student's cells as ``(grade_id or None, label, source)``, and the instructor's sources.
     """
-    nb = json.loads(Path(notebook_path).read_text())
-    cells = []
-    for i, cell in enumerate(nb.get("cells", [])):
+    students, instructors = [], []
+    for i, cell in enumerate(notebook.get("cells", [])):
         if cell.get("cell_type") != "code":
             continue
         meta = cell.get("metadata", {}).get("nbgrader", {})
-        theirs = meta.get("grade_id") in instructor_cells if instructor_cells is not None else bool(meta)
-        if theirs and not meta.get("solution", False):
-            continue
         source = cell.get("source", "")
         source = "".join(source) if isinstance(source, list) else source
-        cells.append((meta.get("grade_id"), f"#{i + 1} (added by the student)", source))
-    return review_source(cells, policy)
+        theirs = meta.get("grade_id") in instructor_cells if instructor_cells is not None else bool(meta)
+        if theirs and not meta.get("solution", False):
+            instructors.append(source)
+        else:
+            students.append((meta.get("grade_id"), f"#{i + 1} (added by the student)", source))
+    return students, instructors
 
 
-def review_source(cells: list[tuple[str | None, str, str]], policy: Policy) -> list[str]:
-    """Review ``(grade_id or None, label, source)`` cells together (names defined in one count in all)."""
+def review_notebook(notebook_path: str | Path, policy: Policy, instructor_cells: set[str] | None = None) -> list[str]:
+    """Review the student's code cells of a submitted notebook (``split_cells``) against ``policy``.
+
+    The modules that the instructor's cells import (the setup cell's ``torch``, ``flows``, ...) are
+    those whose attributes the student may not assign.
+
+    Returns:
+        sorted, human-readable flags such as ``"cell coupling: refers to flows.AffineCoupling, an
+        answer of this assignment (dgmlib.flows.AffineCoupling)"``; empty if nothing is flagged.
+    """
+    students, instructors = split_cells(json.loads(Path(notebook_path).read_text()), instructor_cells)
+    imported: set[str] = set()
+    for source in instructors:
+        try:
+            imported |= _imported_modules(ast.parse(source))
+        except SyntaxError:
+            pass
+    return review_source(students, policy, imported)
+
+
+def review_source(cells: list[tuple[str | None, str, str]], policy: Policy,
+                  imported: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Review ``(grade_id or None, label, source)`` cells together (names defined in one count in all).
+
+    ``imported`` names the modules imported elsewhere (the setup cell), whose attributes, like those of
+    modules the cells import themselves, may not be assigned.
+    """
     parsed, flags = [], []
     for grade_id, label, source in cells:
         name = grade_id or label
@@ -152,7 +179,8 @@ def review_source(cells: list[tuple[str | None, str, str]], policy: Policy) -> l
             flags.append(f"cell {name}: does not parse")
     own = set().union(*(_defined_names(tree) for _, _, tree in parsed)) if parsed else set()
     for grade_id, name, tree in parsed:
-        flags += [f"cell {name}: {f}" for f in _review_tree(tree, policy, policy.answers_for(grade_id), own)]
+        flags += [f"cell {name}: {f}" for f in _review_tree(tree, policy, policy.answers_for(grade_id), own,
+                                                                      set(imported))]
     return sorted(set(flags))
 
 
@@ -197,12 +225,11 @@ def _root_name(node: ast.AST) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
-def _review_tree(tree: ast.AST, policy: Policy, answers: tuple[str, ...], own: set[str]) -> list[str]:
+def _review_tree(tree: ast.AST, policy: Policy, answers: tuple[str, ...], own: set[str],
+                 imported: set[str]) -> list[str]:
     flags: list[str] = []
     answer_names = {a.rsplit(".", 1)[-1]: a for a in answers}
-    modules = _imported_modules(tree) | {"torch", "numpy", "math", "nn", "dgmlib", "data", "flows", "train",
-                                         "vae", "ode", "cnf", "diffusion", "plots", "units", "torchdiffeq", "plt"}
-    modules -= own - _imported_modules(tree)
+    modules = _imported_modules(tree) | (imported - (own - _imported_modules(tree)))
 
     def answer(name: str, how: str) -> None:
         if name in answer_names:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from copydetect import CodeFingerprint, compare_files
 
+from dgmlib.grading.review import split_cells
+
 __all__ = ["SimilarPair", "student_cells", "similar_pairs", "DEFAULT_THRESHOLD"]
 
 DEFAULT_THRESHOLD = 0.6
@@ -47,20 +49,9 @@ class SimilarPair:
 
 
 def student_cells(notebook_path: str | Path, instructor_cells: set[str] | None = None) -> list[str]:
-    """The code a student wrote: the sources of the solution cells and of the cells they added.
-
-    A cell is the instructor's if its grade_id is in ``instructor_cells`` (when given; otherwise, if it
-    has nbgrader metadata) and it is not a solution cell.
-    """
-    nb = json.loads(Path(notebook_path).read_text())
-    cells = []
-    for cell in nb.get("cells", []):
-        meta = cell.get("metadata", {}).get("nbgrader", {})
-        theirs = meta.get("grade_id") in instructor_cells if instructor_cells is not None else bool(meta)
-        if cell.get("cell_type") == "code" and (not theirs or meta.get("solution", False)):
-            source = cell.get("source", "")
-            cells.append("".join(source) if isinstance(source, list) else source)
-    return cells
+    """The code a student wrote: the sources of their cells as ``review.split_cells`` finds them."""
+    students, _ = split_cells(json.loads(Path(notebook_path).read_text()), instructor_cells)
+    return [source for _, _, source in students]
 
 
 def _fingerprint(label: str, code: str, boilerplate: list[int]) -> CodeFingerprint | None:
