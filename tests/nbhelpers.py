@@ -38,3 +38,22 @@ def make_course(root: Path) -> Path:
     shutil.copy(ROOT / "nbgrader_config.py", root)
     shutil.copytree(ROOT / "solutions", root / "solutions")
     return root
+
+
+def run_tagged_cells(path: Path, tag: str = "mechanism") -> dict:
+    """Execute a notebook's code cells that carry ``tag`` (in order) and return their namespace.
+
+    Lectures show a model's core inline, in cells tagged ``mechanism``; tests run exactly those cells
+    and compare what they define with dgmlib on the same input, so the code a student reads is the
+    code that runs. The tagged cells must import what they use and must not train anything.
+    """
+    import nbformat
+
+    cells = [c for c in nbformat.read(path, as_version=4).cells
+             if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
+    if not cells:
+        raise ValueError(f"{path.name} has no code cell tagged {tag!r}")
+    namespace: dict = {"__name__": f"{path.stem}_{tag}"}
+    for cell in cells:
+        exec(compile(cell.source, f"{path.name}[{tag}]", "exec"), namespace)  # noqa: S102 - our own notebook
+    return namespace
