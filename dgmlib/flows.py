@@ -10,7 +10,13 @@ RealNVP, Eq. 3). All log-densities are in nats.
 
 Sources: Rezende & Mohamed 2015 (planar, Eq. 10-12 and App. A.1); Dinh et al. 2015 (NICE,
 additive coupling Eq. 5 and the scaling layer Sec. 3.3); Dinh et al. 2017 (RealNVP, affine
-coupling Eq. 4-9, logit pre-processing Sec. 4.1).
+coupling Eq. 4-9, logit pre-processing Sec. 4.1, multi-scale architecture Sec. 3.6); Kingma &
+Dhariwal 2018 (Glow: actnorm, invertible 1x1 convolution and its LU form, Sec. 3.1-3.2 and Table 1).
+
+Most bijections keep the shape of their input. ``Squeeze`` does not: it maps ``(C, H, W)`` to
+``(4C, H/2, W/2)``. Every bijection therefore has an ``event_shape`` (what it takes) and an
+``out_shape`` (what it returns; equal to ``event_shape`` unless said otherwise), and ``Compose``
+checks that consecutive shapes chain.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = [
     "Bijection", "Compose", "Planar", "AdditiveCoupling", "AffineCoupling", "Scaling",
     "Permutation", "Logit", "MLPConditioner", "ConvConditioner", "Flow", "checkerboard_mask", "channel_mask",
     "check_batch", "realnvp", "nice", "planar_flow", "jacobian_log_det",
+    "ActNorm", "InvConv1x1", "Squeeze", "Inverse", "Split", "GlowStep", "glow",
 ]
 
 
@@ -56,7 +63,9 @@ class Bijection(nn.Module):
     """Base class of an invertible map on batches of shape ``(B, *event_shape)``.
 
     Subclasses implement ``forward(x) -> (z, log|det dz/dx|)`` and
-    ``inverse(z) -> (x, log|det dx/dz|)``; both log-dets have shape ``(B,)``.
+    ``inverse(z) -> (x, log|det dx/dz|)``; both log-dets have shape ``(B,)``. ``x`` has shape
+    ``(B, *event_shape)`` and ``z`` shape ``(B, *out_shape)``; ``out_shape`` is ``event_shape``
+    unless a subclass (``Squeeze``) changes it. Both hold the same number of entries.
     """
 
     def __init__(self, event_shape: Sequence[int]) -> None:
@@ -64,6 +73,7 @@ class Bijection(nn.Module):
         self.event_shape = tuple(int(s) for s in event_shape)
         if not self.event_shape or any(s < 1 for s in self.event_shape):
             raise ValueError(f"event_shape must be a non-empty tuple of positive sizes, got {event_shape!r}")
+        self.out_shape = self.event_shape
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # noqa: D102 - documented on the class
         raise NotImplementedError
@@ -76,21 +86,27 @@ class Compose(Bijection):
     """Composition ``f_K o ... o f_1`` of bijections, applied to data in the order given.
 
     ``forward`` sums the log-dets starting from ``x.new_zeros(B)``; ``inverse`` runs the
-    inverses in reverse order. Shapes: ``(B, *event_shape)`` in and out, log-det ``(B,)``.
+    inverses in reverse order. Shapes: ``(B, *event_shape)`` in (the first transform's),
+    ``(B, *out_shape)`` out (the last one's), log-det ``(B,)``.
 
     Raises:
-        ValueError: if empty or if the transforms' event shapes differ.
+        ValueError: if empty or if the event shapes do not chain (each transform must take the
+        shape that the one before it returns).
     """
 
     def __init__(self, *transforms: Bijection) -> None:
         if not transforms:
             raise ValueError("Compose needs at least one bijection")
         super().__init__(transforms[0].event_shape)
+        shape = self.event_shape
         for t in transforms:
             if not isinstance(t, Bijection):
                 raise TypeError(f"Compose takes Bijection instances, got {type(t).__name__}")
-            if t.event_shape != self.event_shape:
-                raise ValueError(f"all event shapes must agree: {t.event_shape} != {self.event_shape}")
+            if t.event_shape != shape:
+                raise ValueError(f"event shapes must chain: {type(t).__name__} takes {t.event_shape}, "
+                                 f"but receives {shape}")
+            shape = t.out_shape
+        self.out_shape = shape
         self.transforms = nn.ModuleList(transforms)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -417,6 +433,305 @@ class ConvConditioner(nn.Module):
         return h.view(x.shape[0], self.out_channels, self.channels, *x.shape[2:])
 
 
+def _check_image_shape(event_shape: Sequence[int], who: str) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in event_shape)
+    if len(shape) != 3 or any(s < 1 for s in shape):
+        raise ValueError(f"{who} needs an image event shape (C, H, W) of positive sizes, got {tuple(event_shape)}")
+    return shape  # type: ignore[return-value]
+
+
+class ActNorm(Bijection):
+    """Glow's activation normalisation: a per-channel affine map ``z = s * x + b`` on images.
+
+    With ``s = exp(log_scale)`` and ``b`` of shape ``(C,)``, broadcast over the ``H x W`` positions,
+    the Jacobian is diagonal and every channel's scale appears once per position:
+
+        log|det dz/dx| = H * W * sum_c log|s_c|   (nats; Kingma & Dhariwal 2018, Sec. 3.1, Table 1).
+
+    **Data-dependent initialisation** (Sec. 3.1): the first ``forward`` in training mode sets
+    ``s_c = 1 / std_c`` and ``b_c = -mean_c / std_c`` from that batch (statistics over the batch and
+    the positions), so the output of each channel has zero mean and unit variance; afterwards ``s``
+    and ``b`` are ordinary trainable parameters. Whether this has happened is the registered
+    boolean buffer ``initialized``, so it travels with ``state_dict``: a loaded checkpoint is
+    never initialised again. Before initialisation (or in eval mode) the layer is whatever its
+    parameters say, the identity for a fresh layer.
+
+    A channel that is constant in the first batch has ``std_c = 0``; the std is floored at
+    ``min_std`` so that the scale stays finite (``<= 1 / min_std``) and nothing becomes NaN.
+
+    The initialisation reads no value on the host (it is a ``torch.where`` on the flag), so the
+    layer runs on the ``meta`` device and on a GPU without a synchronisation.
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        min_std: floor on the per-channel std used by the initialisation (positive).
+
+    Shapes: ``(B, C, H, W)`` in and out; log-det ``(B,)`` in nats.
+
+    Raises:
+        ValueError: for a shape that is not ``(C, H, W)`` or a non-positive ``min_std``;
+        TypeError/ValueError on bad input (see ``check_batch``).
+    """
+
+    def __init__(self, event_shape: Sequence[int], min_std: float = 1e-2) -> None:
+        c, _, _ = _check_image_shape(event_shape, "ActNorm")
+        super().__init__(event_shape)
+        if min_std <= 0:
+            raise ValueError(f"min_std must be positive, got {min_std}")
+        self.min_std = float(min_std)
+        self.log_scale = nn.Parameter(torch.zeros(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._flag_seen = False  # a cache of the buffer, so that the check runs once, not every step
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # a loaded flag must be looked at again
+        super()._load_from_state_dict(*args, **kwargs)
+        self._flag_seen = False
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set ``s, b`` so that each channel of ``s * x + b`` has zero mean and unit variance over the
+        batch ``x`` ``(B, C, H, W)``, unless the ``initialized`` flag is already set; then set it."""
+        mean = x.mean(dim=(0, 2, 3))  # (C,)
+        std = x.var(dim=(0, 2, 3), unbiased=False).sqrt().clamp_min(self.min_std)  # (C,), floored
+        done = self.initialized
+        self.log_scale.copy_(torch.where(done, self.log_scale, -torch.log(std)))
+        self.bias.copy_(torch.where(done, self.bias, -mean / std))
+        self.initialized.fill_(True)
+        self._flag_seen = True
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``z = s * x + b`` ``(B, C, H, W)`` and ``H W sum(log|s|)`` expanded to ``(B,)``."""
+        check_batch(x, self.event_shape)
+        if self.training and not self._flag_seen:
+            self.initialize(x)
+        h, w = self.event_shape[1:]
+        z = x * torch.exp(self.log_scale)[:, None, None] + self.bias[:, None, None]
+        return z, (h * w * self.log_scale.sum()).expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``x = (z - b) / s`` and ``log|det dx/dz| = -H W sum(log|s|)``."""
+        check_batch(z, self.event_shape)
+        h, w = self.event_shape[1:]
+        x = (z - self.bias[:, None, None]) * torch.exp(-self.log_scale)[:, None, None]
+        return x, (-h * w * self.log_scale.sum()).expand(z.shape[0])
+
+
+class InvConv1x1(Bijection):
+    """Glow's invertible 1x1 convolution: the same ``C x C`` matrix ``W`` mixes the channels at every
+    position, ``z[:, :, i, j] = W x[:, :, i, j]`` (Kingma & Dhariwal 2018, Sec. 3.2, Table 1).
+
+    It generalises the fixed channel permutation between couplings to a learned one. Each of the
+    ``H W`` positions contributes ``log|det W|``:
+
+        log|det dz/dx| = H * W * log|det W|   (nats).
+
+    * ``lu=False``: ``W`` is a free parameter and ``log|det W|`` comes from ``torch.linalg.slogdet``,
+      an ``O(C^3)`` computation.
+    * ``lu=True``: the LU parametrisation of Sec. 3.2, ``W = P L (U + diag(sign(s) exp(log|s|)))``,
+      with ``P`` a fixed permutation (a buffer), ``L`` unit lower triangular and ``U`` strictly upper
+      triangular (learned), the signs fixed and ``log|s|`` learned. Then ``det W = det P * prod(s)``
+      with ``|det P| = 1``, so ``log|det W| = sum log|s|``, an ``O(C)`` computation.
+
+    Both start from the same kind of point: a random rotation (the ``Q`` of the QR decomposition of
+    a Gaussian matrix), so the log-det is 0 at initialisation. The inverse uses ``W^{-1}``.
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        lu: use the LU parametrisation.
+
+    Shapes: ``(B, C, H, W)`` in and out; log-det ``(B,)`` in nats.
+
+    Raises:
+        ValueError: for a shape that is not ``(C, H, W)``; TypeError/ValueError on bad input.
+    """
+
+    def __init__(self, event_shape: Sequence[int], lu: bool = False) -> None:
+        c, _, _ = _check_image_shape(event_shape, "InvConv1x1")
+        super().__init__(event_shape)
+        self.lu = bool(lu)
+        rotation = torch.linalg.qr(torch.randn(c, c))[0]  # orthogonal: |det| = 1
+        if not self.lu:
+            self.weight = nn.Parameter(rotation)
+            return
+        p, lower, upper = torch.linalg.lu(rotation)  # rotation = P L U
+        s = torch.diagonal(upper)
+        self.register_buffer("P", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.register_buffer("eye", torch.eye(c))
+        self.lower = nn.Parameter(lower)  # only the strictly lower part is used
+        self.upper = nn.Parameter(upper)  # only the strictly upper part is used
+        self.log_s = nn.Parameter(torch.log(s.abs()))
+
+    def matrix(self) -> Tensor:
+        """The ``C x C`` matrix ``W`` (for ``lu=True``, assembled from ``P, L, U, s``)."""
+        if not self.lu:
+            return self.weight
+        lower = torch.tril(self.lower, -1) + self.eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.P @ lower @ upper
+
+    def log_abs_det(self) -> Tensor:
+        """``log|det W|`` (a scalar, nats): ``slogdet`` for the plain form, ``sum(log|s|)`` for LU."""
+        return self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``z = W x`` at every position ``(B, C, H, W)`` and ``H W log|det W|`` ``(B,)``."""
+        check_batch(x, self.event_shape)
+        h, w = self.event_shape[1:]
+        z = torch.einsum("ij,bjhw->bihw", self.matrix(), x)
+        return z, (h * w * self.log_abs_det()).expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``x = W^{-1} z`` and ``-H W log|det W|``."""
+        check_batch(z, self.event_shape)
+        h, w = self.event_shape[1:]
+        x = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.matrix()), z)
+        return x, (-h * w * self.log_abs_det()).expand(z.shape[0])
+
+
+class Squeeze(Bijection):
+    """Space-to-depth: ``(B, C, H, W) -> (B, 4C, H/2, W/2)``, each ``2 x 2`` block of a channel
+    becoming 4 channels at one position (Dinh et al. 2017, Sec. 3.6; Glow, Sec. 3 and Fig. 2b).
+
+    Output channel ``4c + 2a + b`` at position ``(i, j)`` holds input channel ``c`` at ``(2i + a, 2j + b)``.
+    It only rearranges entries (a permutation), so ``log|det| = 0``. It lets a coupling's
+    channel mask, and a 1x1 convolution, mix neighbouring pixels.
+
+    Args:
+        event_shape: ``(C, H, W)`` with ``H`` and ``W`` even; ``out_shape`` is ``(4C, H/2, W/2)``.
+
+    Raises:
+        ValueError: for a shape that is not ``(C, H, W)`` or an odd ``H`` or ``W``;
+        TypeError/ValueError on bad input (see ``check_batch``).
+    """
+
+    def __init__(self, event_shape: Sequence[int]) -> None:
+        c, h, w = _check_image_shape(event_shape, "Squeeze")
+        if h % 2 or w % 2:
+            raise ValueError(f"Squeeze needs an even height and width, got (C, H, W) = {(c, h, w)}")
+        super().__init__(event_shape)
+        self.out_shape = (4 * c, h // 2, w // 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, C, H, W) -> (B, 4C, H/2, W/2)``; log-det zeros ``(B,)``."""
+        check_batch(x, self.event_shape)
+        b, (c, h, w) = x.shape[0], self.event_shape
+        z = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, 2, 2, H/2, W/2)
+        return z.reshape(b, *self.out_shape), x.new_zeros(b)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, 4C, H/2, W/2) -> (B, C, H, W)``; log-det zeros ``(B,)``."""
+        check_batch(z, self.out_shape)
+        b, (c, h, w) = z.shape[0], self.event_shape
+        x = z.reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3)  # (B, C, H/2, 2, W/2, 2)
+        return x.reshape(b, c, h, w), z.new_zeros(b)
+
+
+class Inverse(Bijection):
+    """The inverse ``f^{-1}`` of a bijection ``f``, as a bijection: ``forward`` is ``f.inverse`` and
+    ``inverse`` is ``f.forward`` (the two log-dets are already those of the respective maps).
+
+    ``event_shape`` is ``f.out_shape`` and ``out_shape`` is ``f.event_shape``; e.g.
+    ``Inverse(Squeeze((C, H, W)))`` is depth-to-space, ``(4C, H/2, W/2) -> (C, H, W)``.
+
+    Raises:
+        TypeError: if ``f`` is not a ``Bijection``.
+    """
+
+    def __init__(self, bijection: Bijection) -> None:
+        if not isinstance(bijection, Bijection):
+            raise TypeError(f"Inverse takes a Bijection, got {type(bijection).__name__}")
+        super().__init__(bijection.out_shape)
+        self.out_shape = bijection.event_shape
+        self.bijection = bijection
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``f^{-1}(x)`` and its log-det ``(B,)``."""
+        return self.bijection.inverse(x)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``f(z)`` and its log-det ``(B,)``."""
+        return self.bijection(z)
+
+
+class Split(Bijection):
+    """The multi-scale split: factor out half of the channels, transform the other half further.
+
+    With ``x = (x_1, x_2)`` split along the channels into two halves of ``C/2`` channels,
+
+        z = (x_1, inner(x_2)),   log|det dz/dx| = log|det d inner(x_2) / dx_2|.
+
+    The Jacobian is block diagonal (identity, inner's Jacobian), so the log-det is the inner one.
+    The factored-out half ``x_1`` goes straight to the base density, as part of ``z``: the deeper
+    layers, which squeeze further, spend their computation on only half of the dimensions
+    (Dinh et al. 2017, Sec. 3.6; Glow, Sec. 3 and Fig. 2b). This keeps the Bijection API: the whole
+    is still a bijection of the full ``(C, H, W)`` tensor with a tractable log-det, and
+    ``Flow``'s standard normal on all of ``z`` is the same as a standard normal on each factored-out
+    part. (Glow itself conditions the prior of ``x_1`` on ``x_2`` by a learned network; here the
+    prior of every factored-out part is ``N(0, I)``, as in RealNVP.)
+
+    Args:
+        inner: a shape-preserving bijection on ``(C/2, H, W)``, e.g. the next level of a Glow.
+
+    Shapes: ``(B, C, H, W)`` in and out with ``C = 2 * inner.event_shape[0]``; log-det ``(B,)``.
+
+    Raises:
+        ValueError: if ``inner`` does not keep its ``(C/2, H, W)`` shape;
+        TypeError/ValueError on bad input (see ``check_batch``).
+    """
+
+    def __init__(self, inner: Bijection) -> None:
+        if not isinstance(inner, Bijection):
+            raise TypeError(f"Split takes a Bijection, got {type(inner).__name__}")
+        if len(inner.event_shape) != 3 or inner.out_shape != inner.event_shape:
+            raise ValueError("Split needs an inner bijection that maps (C/2, H, W) to itself, got "
+                             f"{inner.event_shape} -> {inner.out_shape}")
+        half, h, w = inner.event_shape
+        super().__init__((2 * half, h, w))
+        self.half = half
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(x_1, inner(x_2))`` concatenated on the channels and inner's log-det ``(B,)``."""
+        check_batch(x, self.event_shape)
+        z2, log_det = self.inner(x[:, self.half:])
+        return torch.cat([x[:, :self.half], z2], dim=1), log_det
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(z_1, inner^{-1}(z_2))`` and inner's inverse log-det ``(B,)``."""
+        check_batch(z, self.event_shape)
+        x2, log_det = self.inner.inverse(z[:, self.half:])
+        return torch.cat([z[:, :self.half], x2], dim=1), log_det
+
+
+class GlowStep(Compose):
+    """One step of Glow's flow: actnorm, then an invertible 1x1 convolution, then an affine coupling
+    (Kingma & Dhariwal 2018, Sec. 3 and Fig. 2a).
+
+    The coupling is ``AffineCoupling`` with a ``channel_mask`` (the first half of the channels is
+    kept, the second half scaled and shifted) and a ``ConvConditioner`` whose last layer starts at
+    zero, so a fresh step is actnorm followed by a rotation. Because the 1x1 convolution learns how
+    to mix the channels, no fixed permutation is needed between steps (Sec. 3.2).
+
+    Args:
+        event_shape: ``(C, H, W)`` with ``C >= 2`` (squeeze first for one-channel images).
+        hidden: channels of the coupling's convolutional network.
+        lu: use the LU-decomposed 1x1 convolution.
+        parity: which half of the channels the coupling keeps (0: the first).
+
+    Shapes: ``(B, C, H, W)`` in and out; log-det ``(B,)`` in nats, the sum of the three.
+
+    Raises:
+        ValueError: for a shape that is not ``(C, H, W)`` or has ``C < 2``.
+    """
+
+    def __init__(self, event_shape: Sequence[int], hidden: int = 64, lu: bool = True, parity: int = 0) -> None:
+        c, _, _ = _check_image_shape(event_shape, "GlowStep")
+        super().__init__(ActNorm(event_shape), InvConv1x1(event_shape, lu=lu),
+                         AffineCoupling(channel_mask(event_shape, parity), ConvConditioner(c, hidden)))
+
+
 class Flow(nn.Module):
     """A normalizing flow ``z = f(x)`` with a standard normal base: ``log p(x) = log N(f(x)) + log_det``.
 
@@ -425,13 +740,15 @@ class Flow(nn.Module):
         num_levels: if the data are discrete levels ``{0..K-1}``, ``K``; enables ``nll``, which
             uses the uniform-dequantization bound on ``x = (y + u) / K``.
 
-    Shapes: data and latents ``(B, *event_shape)``; log-probs ``(B,)`` in nats.
+    Shapes: data ``(B, *event_shape)``, latents ``(B, *latent_shape)`` (the transform's
+    ``out_shape``; the same as ``event_shape`` for every builder here); log-probs ``(B,)`` in nats.
     """
 
     def __init__(self, transform: Bijection, num_levels: int | None = None) -> None:
         super().__init__()
         self.transform = transform
         self.event_shape = transform.event_shape
+        self.latent_shape = transform.out_shape
         self.num_dims = math.prod(self.event_shape)
         self.num_levels = num_levels
 
@@ -460,13 +777,13 @@ class Flow(nn.Module):
         return dequantized_nll(self.log_prob, y, self.num_levels)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Latent code ``z = f(x)`` of data ``x``, shape ``(B, *event_shape)``."""
+        """Latent code ``z = f(x)`` of data ``x``, shape ``(B, *latent_shape)``."""
         check_batch(x, self.event_shape)
         return self.transform(x)[0]
 
     def decode(self, z: Tensor) -> Tensor:
-        """Data ``x = f^{-1}(z)`` of latents ``z``, shape ``(B, *event_shape)``."""
-        check_batch(z, self.event_shape, "latent")
+        """Data ``x = f^{-1}(z)`` of latents ``z`` ``(B, *latent_shape)``, shape ``(B, *event_shape)``."""
+        check_batch(z, self.latent_shape, "latent")
         return self.transform.inverse(z)[0]
 
     @torch.no_grad()
@@ -482,7 +799,7 @@ class Flow(nn.Module):
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be non-negative, got {temperature}")
-        eps = randn((n, *self.event_shape), device=module_device(self), dtype=module_dtype(self), generator=generator)
+        eps = randn((n, *self.latent_shape), device=module_device(self), dtype=module_dtype(self), generator=generator)
         return self.decode(temperature * eps)
 
 
@@ -545,6 +862,52 @@ def nice(event_shape: Sequence[int] = (1, 8, 8), num_couplings: int = 4, hidden:
 def planar_flow(dim: int = 2, num_layers: int = 16) -> Flow:
     """A stack of ``num_layers`` planar flows on ``(B, dim)`` vectors, for 2D toy densities."""
     return Flow(Compose(*[Planar(dim) for _ in range(num_layers)]))
+
+
+def glow(event_shape: Sequence[int] = (1, 8, 8), num_levels: int | None = 17, levels: int = 2,
+         steps_per_level: int = 4, hidden: int = 64, lu: bool = True, alpha: float = 0.01) -> Flow:
+    """Glow's multi-scale architecture for images in [0, 1] (Kingma & Dhariwal 2018, Sec. 3, Fig. 2b).
+
+    Logit pre-processing (as in ``realnvp``), then ``levels`` levels. Level ``l`` squeezes,
+    applies ``steps_per_level`` Glow steps and, unless it is the last, factors out half of the
+    channels with ``Split`` and hands the other half to level ``l + 1``. For the digits with the
+    defaults: ``(1, 8, 8)`` -squeeze-> ``(4, 4, 4)`` -4 steps-> split: 2 channels factored out, 2
+    channels -squeeze-> ``(8, 2, 2)`` -4 steps.
+
+    Every level ends with the inverse squeeze, so each level (and the whole flow) maps its shape
+    to itself: the latent ``z`` has the data's shape ``(C, H, W)`` and ``Flow``'s standard normal
+    base applies to it unchanged. This only rearranges where the entries of ``z`` sit (a
+    permutation, log-det 0), so the density is the same as with Glow's list of factored-out
+    latents, each with a ``N(0, I)`` prior (the paper learns that prior; we do not).
+
+    Args:
+        event_shape: ``(C, H, W)`` with ``H`` and ``W`` divisible by ``2 ** levels``.
+        num_levels: ``K`` for discrete data (enables ``Flow.nll``), or None.
+        levels: number of squeeze levels ``L`` (the paper's ``L``).
+        steps_per_level: Glow steps per level (the paper's ``K``).
+        hidden: channels of each coupling's ``ConvConditioner``.
+        lu: LU-decomposed 1x1 convolutions.
+        alpha: logit squeeze (see ``realnvp``).
+
+    Raises:
+        ValueError: for a shape that is not ``(C, H, W)``, ``levels`` or ``steps_per_level`` below 1,
+        or a height or width not divisible by ``2 ** levels``.
+    """
+    c, h, w = _check_image_shape(event_shape, "glow")
+    if levels < 1 or steps_per_level < 1:
+        raise ValueError(f"levels and steps_per_level must be at least 1, got {levels}, {steps_per_level}")
+    if h % 2 ** levels or w % 2 ** levels:
+        raise ValueError(f"glow with {levels} levels needs H and W divisible by {2 ** levels}, got {(c, h, w)}")
+
+    def level(shape: tuple[int, int, int], remaining: int) -> Bijection:
+        squeeze = Squeeze(shape)
+        inner = squeeze.out_shape
+        parts: list[Bijection] = [GlowStep(inner, hidden, lu) for _ in range(steps_per_level)]
+        if remaining > 1:
+            parts.append(Split(level((inner[0] - inner[0] // 2, *inner[1:]), remaining - 1)))
+        return Compose(squeeze, *parts, Inverse(Squeeze(shape)))
+
+    return Flow(Compose(Logit((c, h, w), alpha), level((c, h, w), levels)), num_levels=num_levels)
 
 
 def jacobian_log_det(fn, x: Tensor) -> Tensor:
