@@ -18,6 +18,9 @@ cast to the data's dtype at use (as in improved-diffusion).
 
 Data: images are scaled from levels {0..K-1} to [-1, 1] (``levels_to_unit``); 2D toys are used as they
 are. All log-likelihood quantities are in nats unless a name says bits.
+
+``discretized_gaussian_log_prob`` (the decoder L_0, Eq. 13) is re-exported for compatibility; the
+home is ``dgmlib.dequantization``.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgmlib.device import module_device, module_dtype, randn, value_checks
-from dgmlib.units import check_levels
-from dgmlib.vae import log_bin_probability
+from dgmlib.dequantization import check_levels, discretized_gaussian_log_prob
 
 __all__ = [
     "NoiseSchedule", "q_mean_variance", "q_sample", "q_posterior_mean_variance", "predict_x0_from_eps",
@@ -228,34 +230,6 @@ def levels_to_unit(y: Tensor, num_levels: int) -> Tensor:
     """Map integer levels {0..K-1} to [-1, 1]: ``2 y / (K - 1) - 1`` (float32). Raises for invalid levels."""
     check_levels(y, num_levels)
     return y.float() * (2.0 / (num_levels - 1)) - 1.0
-
-
-def discretized_gaussian_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, num_levels: int) -> Tensor:
-    """Elementwise ``log P(y)`` of a Gaussian on [-1, 1] discretized onto K levels: the decoder L_0.
-
-    Level y sits at ``c = 2y/(K-1) - 1`` and owns the bin ``[c - 1/(K-1), c + 1/(K-1)]``; the edge
-    bins absorb the tails (Ho et al. 2020, Eq. 13):
-    ``P(y) = Φ((c + δ - μ)/σ) - Φ((c - δ - μ)/σ)``. Computed from ``log Φ`` differences, reflected for
-    bins above the mean, so it stays finite at any scale; the K probabilities sum to 1.
-
-    Args:
-        y: integer levels ``(...)`` in {0..K-1}.
-        mean: μ in [-1, 1] units; log_scale: log σ; both broadcastable to ``y``.
-        num_levels: K.
-
-    Returns:
-        ``log P(y)`` in nats, the broadcast shape.
-
-    Raises:
-        TypeError/ValueError: for invalid levels or non-finite parameters.
-    """
-    check_levels(y, num_levels)
-    if value_checks(mean) and not (torch.isfinite(mean).all() and torch.isfinite(log_scale).all()):
-        raise ValueError("mean and log_scale must be finite")
-    half = 1.0 / (num_levels - 1)
-    centre = levels_to_unit(y, num_levels).to(mean.dtype)
-    return log_bin_probability(y.to(mean.dtype), centre - half, centre + half, mean, log_scale, num_levels,
-                               torch.special.log_ndtr)
 
 
 # --------------------------------------------------------------------------- networks

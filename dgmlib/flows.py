@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgmlib.device import module_device, module_dtype, randn, value_checks
-from dgmlib.units import dequantized_nll
+from dgmlib.dequantization import VariationalDequantizer, dequantized_nll, variational_dequantization_nll
 
 __all__ = [
     "Bijection", "Compose", "Planar", "AdditiveCoupling", "AffineCoupling", "Scaling",
@@ -739,14 +739,20 @@ class Flow(nn.Module):
         transform: the bijection ``f`` (data -> latent).
         num_levels: if the data are discrete levels ``{0..K-1}``, ``K``; enables ``nll``, which
             uses the uniform-dequantization bound on ``x = (y + u) / K``.
+        dequantizer: optional ``q(u | y)`` (e.g. ``dequantization.VariationalDequantizer``), trained
+            with the flow; ``nll`` is then the variational-dequantization bound (Flow++, Sec. 3.1).
 
     Shapes: data ``(B, *event_shape)``, latents ``(B, *latent_shape)`` (the transform's
     ``out_shape``; the same as ``event_shape`` for every builder here); log-probs ``(B,)`` in nats.
     """
 
-    def __init__(self, transform: Bijection, num_levels: int | None = None) -> None:
+    def __init__(self, transform: Bijection, num_levels: int | None = None,
+                 dequantizer: nn.Module | None = None) -> None:
         super().__init__()
+        if dequantizer is not None and num_levels is None:
+            raise ValueError("a dequantizer needs discrete data: give num_levels=K as well")
         self.transform = transform
+        self.dequantizer = dequantizer
         self.event_shape = transform.event_shape
         self.latent_shape = transform.out_shape
         self.num_dims = math.prod(self.event_shape)
@@ -769,12 +775,17 @@ class Flow(nn.Module):
     def nll(self, y: Tensor) -> Tensor:
         """Dequantization bound on ``-log P(y)`` for discrete levels ``y``, nats per example ``(B,)``.
 
+        The uniform bound ``E_u[-log p((y+u)/K)] + D log K``, or with a ``dequantizer`` the variational
+        bound ``E_q[-log p((y+u)/K) + log q(u|y)] + D log K`` (Flow++, Eq. 5); one noise draw.
+
         Raises:
             ValueError: if the flow was built without ``num_levels`` or ``y`` is not valid levels.
         """
         if self.num_levels is None:
             raise ValueError("nll needs discrete data: build the Flow with num_levels=K")
-        return dequantized_nll(self.log_prob, y, self.num_levels)
+        if self.dequantizer is None:
+            return dequantized_nll(self.log_prob, y, self.num_levels)
+        return variational_dequantization_nll(self.log_prob, y, self.num_levels, self.dequantizer)
 
     def encode(self, x: Tensor) -> Tensor:
         """Latent code ``z = f(x)`` of data ``x``, shape ``(B, *latent_shape)``."""
@@ -865,7 +876,8 @@ def planar_flow(dim: int = 2, num_layers: int = 16) -> Flow:
 
 
 def glow(event_shape: Sequence[int] = (1, 8, 8), num_levels: int | None = 17, levels: int = 2,
-         steps_per_level: int = 4, hidden: int = 64, lu: bool = True, alpha: float = 0.01) -> Flow:
+         steps_per_level: int = 4, hidden: int = 64, lu: bool = True, alpha: float = 0.01,
+         dequantization: str = "variational", dequantizer_hidden: int = 32) -> Flow:
     """Glow's multi-scale architecture for images in [0, 1] (Kingma & Dhariwal 2018, Sec. 3, Fig. 2b).
 
     Logit pre-processing (as in ``realnvp``), then ``levels`` levels. Level ``l`` squeezes,
@@ -888,12 +900,17 @@ def glow(event_shape: Sequence[int] = (1, 8, 8), num_levels: int | None = 17, le
         hidden: channels of each coupling's ``ConvConditioner``.
         lu: LU-decomposed 1x1 convolutions.
         alpha: logit squeeze (see ``realnvp``).
+        dequantization: ``"variational"`` (a ``dequantization.VariationalDequantizer`` q(u | y) with
+            ``dequantizer_hidden`` channels, trained with the flow; ``nll`` is then the variational
+            bound, Flow++ Sec. 3.1) or ``"uniform"``. Ignored without ``num_levels``.
 
     Raises:
         ValueError: for a shape that is not ``(C, H, W)``, ``levels`` or ``steps_per_level`` below 1,
-        or a height or width not divisible by ``2 ** levels``.
+        a height or width not divisible by ``2 ** levels``, or an unknown ``dequantization``.
     """
     c, h, w = _check_image_shape(event_shape, "glow")
+    if dequantization not in ("variational", "uniform"):
+        raise ValueError(f"dequantization must be 'variational' or 'uniform', got {dequantization!r}")
     if levels < 1 or steps_per_level < 1:
         raise ValueError(f"levels and steps_per_level must be at least 1, got {levels}, {steps_per_level}")
     if h % 2 ** levels or w % 2 ** levels:
@@ -907,7 +924,10 @@ def glow(event_shape: Sequence[int] = (1, 8, 8), num_levels: int | None = 17, le
             parts.append(Split(level((inner[0] - inner[0] // 2, *inner[1:]), remaining - 1)))
         return Compose(squeeze, *parts, Inverse(Squeeze(shape)))
 
-    return Flow(Compose(Logit((c, h, w), alpha), level((c, h, w), levels)), num_levels=num_levels)
+    dequantizer = (VariationalDequantizer((c, h, w), num_levels, dequantizer_hidden)
+                   if num_levels is not None and dequantization == "variational" else None)
+    return Flow(Compose(Logit((c, h, w), alpha), level((c, h, w), levels)), num_levels=num_levels,
+                dequantizer=dequantizer)
 
 
 def jacobian_log_det(fn, x: Tensor) -> Tensor:

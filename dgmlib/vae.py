@@ -14,6 +14,9 @@ Sources: Kingma & Welling 2014 (VAE; reparametrization Sec. 2.4, Gaussian KL App
 2016 (IWAE, Eq. 8; active units Sec. 5.2); Hoffman & Johnson 2016 ("ELBO surgery", Eq. 3-4);
 Tomczak & Welling 2018 (VampPrior, Eq. 9); Salimans et al. 2017 (PixelCNN++, discretized
 logistic, Sec. 2.1); Isachenko, DGM lecture 6 (ELBO surgery, NF-based prior, CDF discretization).
+
+``discretized_logistic_log_prob`` and ``log_bin_probability`` are re-exported for compatibility;
+the home is ``dgmlib.dequantization``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 
 from dgmlib import flows
 from dgmlib.device import bernoulli, module_device, multinomial, rand, randint, randn, value_checks
-from dgmlib.units import check_levels
+from dgmlib.dequantization import check_levels, discretized_logistic_log_prob, log_bin_probability
 
 __all__ = [
     "reparameterize", "gaussian_log_prob", "standard_normal_log_prob", "kl_normal_standard", "kl_normal",
@@ -157,81 +160,6 @@ def iwae_bound(log_weights: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- discretized logistic
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - exp(-x))`` for ``x > 0``, stable for both tiny and large ``x`` (Maechler 2012).
-
-    Each branch gets only inputs in its own range, so the branch ``torch.where`` discards cannot
-    send an infinite gradient (times zero: NaN) back.
-    """
-    small = x < math.log(2.0)
-    x_small = torch.where(small, x, torch.full_like(x, 0.5))
-    x_large = torch.where(small, torch.full_like(x, 1.0), x)
-    return torch.where(small, torch.log(-torch.expm1(-x_small)), torch.log1p(-torch.exp(-x_large)))
-
-
-def discretized_logistic_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, num_levels: int) -> Tensor:
-    """Elementwise ``log P(y)`` of a logistic discretized through its CDF onto ``{0..K-1}``.
-
-    Each level owns the bin ``[y - 1/2, y + 1/2]``; the two edge bins absorb the tails
-    (PixelCNN++, Salimans et al. 2017, Sec. 2.1; lecture 6, "model discretization through CDF"):
-
-        P(y) = F(y + 1/2) - F(y - 1/2),   P(0) = F(1/2),   P(K-1) = 1 - F(K - 3/2),
-
-    with ``F(v) = sigmoid((v - mean) / scale)``. With ``a, b`` the standardised bin edges,
-    ``sigmoid(a) - sigmoid(b)`` is evaluated as ``log sigmoid(a) + log(1 - exp(log sigmoid(b) -
-    log sigmoid(a)))``; for a bin above the mean it is first reflected to ``sigmoid(-b) - sigmoid(-a)``,
-    whose terms do not round to 1. The result is accurate at any scale: a scale of 1e-9 gives
-    ``log P = 0`` at the mean's level and large finite negatives elsewhere, never NaN or -inf, and
-    finite gradients. The probabilities of the K levels sum to 1.
-
-    Args:
-        y: integer levels ``(...)``, values in ``{0..K-1}`` (float or integer dtype).
-        mean, log_scale: logistic location (in level units) and log-scale, broadcastable to ``y``.
-        num_levels: ``K``.
-
-    Returns:
-        ``log P(y)`` in nats, the broadcast shape of the inputs.
-
-    Raises:
-        TypeError/ValueError: for invalid levels (see ``check_levels``) or non-finite parameters.
-    """
-    check_levels(y, num_levels)
-    _check_tensor(mean, "mean")
-    _check_tensor(log_scale, "log_scale")
-    y = y.to(mean.dtype)
-    return log_bin_probability(y, y - 0.5, y + 0.5, mean, log_scale, num_levels, F.logsigmoid)
-
-
-def log_bin_probability(y: Tensor, lower: Tensor, upper: Tensor, mean: Tensor, log_scale: Tensor,
-                        num_levels: int, log_cdf) -> Tensor:
-    """``log(F(upper) - F(lower))`` for a location-scale CDF ``F(v) = cdf((v - mean) / scale)``, stably.
-
-    The shared core of the discretized decoders (logistic here, Gaussian in ``dgmlib.diffusion``):
-    level 0 takes the whole lower tail and level K-1 the upper one; a bin above the mean is
-    reflected, ``F(u) - F(l) = cdf(-l') - cdf(-u')``, so the CDF values never round to 1, and
-    ``log(cdf(a) - cdf(b)) = log cdf(a) + log(1 - exp(log cdf(b) - log cdf(a)))``.
-
-    Args:
-        y: levels ``(...)`` in {0..K-1} (already checked), float.
-        lower, upper: the bin edges of each level, in the units of ``mean``.
-        mean, log_scale: location and log-scale, broadcastable to ``y``.
-        num_levels: K.
-        log_cdf: the standard log-CDF, e.g. ``F.logsigmoid`` or ``torch.special.log_ndtr``.
-
-    Returns:
-        ``log P(y)`` in nats, the broadcast shape; finite for any finite parameters.
-    """
-    inv_scale = torch.exp(-log_scale)
-    big = torch.finfo(mean.dtype).max ** 0.25  # a finite stand-in for +-infinity at the edge bins
-    upper = torch.where(y >= num_levels - 1, torch.full_like(upper, big), (upper - mean) * inv_scale)
-    lower = torch.where(y <= 0, torch.full_like(lower, -big), (lower - mean) * inv_scale)
-    above = upper + lower > 0  # the bin lies above the mean: reflect it
-    a = torch.where(above, -lower, upper)
-    b = torch.where(above, -upper, lower)
-    log_a, log_b = log_cdf(a), log_cdf(b)
-    return log_a + _log1mexp((log_a - log_b).clamp_min(torch.finfo(mean.dtype).tiny))
 
 
 # --------------------------------------------------------------------------- diagnostics
