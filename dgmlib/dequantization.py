@@ -334,12 +334,9 @@ def dequantized_nll(
 
     Source: Isachenko, DGM lecture 6, "Uniform dequantization bound"; Ho et al. 2019, Eq. 2-3.
     """
-    x = uniform_dequantize(y, num_levels, generator)
-    log_px = log_prob(x)
-    if log_px.shape != (y.shape[0],):
-        raise ValueError(f"log_prob must return shape (B,) = ({y.shape[0]},), got {tuple(log_px.shape)}")
-    num_dims = y[0].numel()
-    return -log_px + num_dims * math.log(num_levels)
+    check_levels(y, num_levels)
+    # the variational bound with q = U[0, 1)^D (log q = 0), on float32 noise as ``uniform_dequantize`` draws it
+    return variational_dequantization_nll(log_prob, y.float(), num_levels, UniformDequantizer(), generator)
 
 
 # --------------------------------------------------------------------------- dequantization distributions q(u | y)

@@ -595,7 +595,8 @@ class Squeeze(Bijection):
     becoming 4 channels at one position (Dinh et al. 2017, Sec. 3.6; Glow, Sec. 3 and Fig. 2b).
 
     Output channel ``4c + 2a + b`` at position ``(i, j)`` holds input channel ``c`` at ``(2i + a, 2j + b)``.
-    It only rearranges entries (a permutation), so ``log|det| = 0``. It lets a coupling's
+    It only rearranges entries (a permutation, computed by ``torch.nn.functional.pixel_unshuffle``),
+    so ``log|det| = 0``. It lets a coupling's
     channel mask, and a 1x1 convolution, mix neighbouring pixels.
 
     Args:
@@ -616,16 +617,12 @@ class Squeeze(Bijection):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, C, H, W) -> (B, 4C, H/2, W/2)``; log-det zeros ``(B,)``."""
         check_batch(x, self.event_shape)
-        b, (c, h, w) = x.shape[0], self.event_shape
-        z = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, 2, 2, H/2, W/2)
-        return z.reshape(b, *self.out_shape), x.new_zeros(b)
+        return F.pixel_unshuffle(x, 2), x.new_zeros(x.shape[0])  # (B, 4C, H/2, W/2)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, 4C, H/2, W/2) -> (B, C, H, W)``; log-det zeros ``(B,)``."""
         check_batch(z, self.out_shape)
-        b, (c, h, w) = z.shape[0], self.event_shape
-        x = z.reshape(b, c, 2, 2, h // 2, w // 2).permute(0, 1, 4, 2, 5, 3)  # (B, C, H/2, 2, W/2, 2)
-        return x.reshape(b, c, h, w), z.new_zeros(b)
+        return F.pixel_shuffle(z, 2), z.new_zeros(z.shape[0])  # (B, C, H, W)
 
 
 class Inverse(Bijection):

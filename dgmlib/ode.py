@@ -35,7 +35,7 @@ from dgmlib.device import value_checks
 __all__ = [
     "SOLVERS", "augmented_dynamics", "odeint_adjoint", "check_times", "check_solver", "ConcatMLP", "ODEBlock",
     "ResidualBlock",
-    "ODENetClassifier", "digits_classification_data", "saved_tensor_bytes",
+    "ODENetClassifier", "digits_classification_data", "split_labelled", "saved_tensor_bytes",
 ]
 
 Dynamics = Callable[[Tensor, Tensor], Tensor]
@@ -334,25 +334,34 @@ class ODENetClassifier(nn.Module):
             raise ValueError(f"x must have shape (B, {self.in_dim}), got {tuple(x.shape)}")
         return self.head(self.block(torch.tanh(self.embed(x))))
 
-    def _split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        if batch.dim() != 2 or batch.shape[1] != self.in_dim + 1:
-            raise ValueError(f"batch must have shape (B, {self.in_dim + 1}): features then label, "
-                             f"got {tuple(batch.shape)}")
-        labels = batch[:, -1].long()
-        if value_checks(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
-        return batch[:, :-1], labels
-
     def nll(self, batch: Tensor) -> Tensor:
         """Cross-entropy ``-log p(label | x)`` in nats, shape ``(B,)``."""
-        x, labels = self._split(batch)
+        x, labels = split_labelled(batch, self.in_dim, self.num_classes)
         return F.cross_entropy(self.logits(x), labels, reduction="none")
 
     @torch.no_grad()
     def accuracy(self, batch: Tensor) -> float:
         """Fraction of a ``(B, in_dim + 1)`` batch classified correctly."""
-        x, labels = self._split(batch)
+        x, labels = split_labelled(batch, self.in_dim, self.num_classes)
         return (self.logits(x).argmax(1) == labels).float().mean().item()
+
+
+def split_labelled(batch: Tensor, num_features: int, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Split a ``(B, num_features + 1)`` batch (features, then the label; the layout of
+    ``digits_classification_data``) into features ``(B, num_features)`` and integer labels ``(B,)``.
+
+    Raises:
+        ValueError: for a batch that is not a 2-D tensor of that width, or labels outside
+        ``[0, num_classes - 1]``.
+    """
+    if not isinstance(batch, Tensor) or batch.dim() != 2 or batch.shape[1] != num_features + 1:
+        shape = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+        raise ValueError(f"batch must have shape (B, {num_features + 1}): {num_features} features then the label, "
+                         f"got {shape}")
+    labels = batch[:, -1].long()
+    if value_checks(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}]")
+    return batch[:, :-1], labels
 
 
 def digits_classification_data(split: str = "train") -> Tensor:

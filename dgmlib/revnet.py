@@ -34,7 +34,7 @@ import torch.nn.functional as F_
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from dgmlib.device import value_checks
+from dgmlib.ode import split_labelled
 
 __all__ = [
     "ReversibleBlock", "RevNet", "ResidualStack", "IRevNet", "conv_residual_fn", "space_to_depth",
@@ -394,15 +394,8 @@ class IRevNet(nn.Module):
         return self.head(self.features(x))
 
     def _split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        d = self.in_channels * self.image_size ** 2
-        if not isinstance(batch, Tensor) or batch.dim() != 2 or batch.shape[1] != d + 1:
-            raise ValueError(f"batch must have shape (B, {d + 1}): {d} pixels then the label, "
-                             f"got {tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__}")
-        labels = batch[:, -1].long()
-        if value_checks(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}]")
-        x = batch[:, :-1].reshape(-1, self.in_channels, self.image_size, self.image_size)
-        return x, labels
+        x, labels = split_labelled(batch, self.in_channels * self.image_size ** 2, self.num_classes)
+        return x.reshape(-1, self.in_channels, self.image_size, self.image_size), labels  # (B, C, H, W)
 
     def nll(self, batch: Tensor) -> Tensor:
         """Cross-entropy ``-log p(label | x)`` in nats, shape ``(B,)``, for a flat ``(B, D + 1)`` batch."""
