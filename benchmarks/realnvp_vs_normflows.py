@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from dgmlib import data, flows, train, units
+from dgmlib import data, dequantization, flows, train, units
 
 
 class _SharedConditioner(nn.Module):
@@ -81,7 +81,7 @@ class NormflowsRealNVP(nn.Module):
         return self.flow.log_prob(z) + log_det
 
     def nll(self, y: Tensor) -> Tensor:
-        return units.dequantized_nll(self.log_prob, y, self.num_levels)
+        return dequantization.dequantized_nll(self.log_prob, y, self.num_levels)
 
 
 def run(name: str, model: nn.Module, digits: data.ImageData, epochs: int, seed: int) -> dict:

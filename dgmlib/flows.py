@@ -798,7 +798,7 @@ class Flow(nn.Module):
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` samples ``f^{-1}(T * eps)``, ``eps ~ N(0, I)``: shape ``(n, *event_shape)``.
 
-        A temperature ``T < 1`` trades diversity for quality (Kingma & Dhariwal 2018, Glow, Sec. 5).
+        A temperature ``T < 1`` trades diversity for quality (Kingma & Dhariwal 2018, Glow, Sec. 6 and Fig. 8).
 
         Raises:
             ValueError: if ``n < 1`` or ``temperature < 0``.

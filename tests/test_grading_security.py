@@ -242,6 +242,29 @@ def test_policies_of_the_assignments(tmp_path):
         review.Policy.from_notebook({"metadata": {"dgm_grading": {"imports": "torch"}}})
 
 
+
+@pytest.mark.parametrize("cell, code, answer", [
+    ("lu_conv", "class LUInvConv1x1(flows.InvConv1x1):\n    pass", "dgmlib.flows.InvConv1x1"),
+    ("lu_conv", "from dgmlib.flows import InvConv1x1 as Mine", "dgmlib.flows.InvConv1x1"),
+    ("vbound", "def variational_bound(lp, q, y, k, generator=None):\n"
+               "    return dequantization.variational_dequantization_nll(lp, y, k, q, generator)",
+     "dgmlib.dequantization.variational_dequantization_nll"),
+    ("vbound", "bound = getattr(dequantization, 'importance_weighted_dequantization_nll')",
+     "dgmlib.dequantization.importance_weighted_dequantization_nll"),
+    ("bound", "def dequantization_bound(lp, y, k, generator=None):\n    return units.dequantized_nll(lp, y, k, generator)",
+     "dgmlib.units.dequantized_nll"),
+    ("bound", "from dgmlib.dequantization import dequantized_nll", "dgmlib.dequantization.dequantized_nll"),
+])
+def test_hw2_policy_flags_the_answers_of_glow_and_dequantization(cell, code, answer):
+    """hw2's own policy (from its source notebook) flags a cell that delegates to dgmlib's 1x1 convolution or
+    to its dequantization bounds, under either of the names they are importable by."""
+    policy = review.Policy.from_notebook(json.loads((ROOT / "solutions" / "hw2_flows" / "hw2_flows.ipynb").read_text()))
+    flags = review.review_source([(cell, "", code)], policy)
+    assert any(answer in f for f in flags), flags
+    # dgmlib's dequantizers are tools the assignment hands out, not answers
+    assert review.review_source([("vtrain", "", "q = dequantization.VariationalDequantizer((1, 8, 8), 17, hidden=16)\n"
+                                                "u, log_q = q.sample(train_y[:4])")], policy) == []
+
 # ---------------------------------------------------------------- similarity (copydetect)
 
 

@@ -1,6 +1,6 @@
 """RevNet and i-RevNet (dgmlib.revnet): exact inversion, exact gradients, memory flat in depth.
 
-Theorems checked (lecture 04; Gomez et al. 2017, Eq. 1-2 and Algorithm 1; Jacobsen et al. 2018):
+Theorems checked (lecture 03; Gomez et al. 2017, Eq. 1-2 and Algorithm 1; Jacobsen et al. 2018):
 a reversible block is inverted by x2 = y2 - G(y1), x1 = y1 - F(x2); backpropagating through a
 stack by rebuilding each block's input from its output gives the same gradients as storing the
 activations, while the bytes saved for backward stay constant in depth; an i-RevNet's features
