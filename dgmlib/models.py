@@ -21,10 +21,10 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from dgmlib import cnf, dequantization, diffusion, flows, plots, vae
+from dgmlib import autoregressive, cnf, dequantization, diffusion, flows, plots, vae
 from dgmlib.config import pick
-from dgmlib.data import TOY_DENSITIES, ImageData, ToyData, toy_entropy
-from dgmlib.device import module_device
+from dgmlib.data import DIGITS_SPLIT, TOY_DENSITIES, ImageData, ToyData, load_digit_labels, load_digits, toy_entropy
+from dgmlib.device import module_device, value_checks
 from dgmlib.results import Column, number
 from dgmlib.train import evaluate
 
@@ -307,6 +307,154 @@ def _fmt(value: float) -> str:
 _MNIST = {"epochs": (100, 1), "batch_size": (128, 64), "time_budget": (900.0, 30.0)}
 """Training on MNIST (55000 images of 28x28, 256 levels): sized for a GPU, 15 minutes at most."""
 
+# --------------------------------------------------------------------------- autoregressive models (lecture 01)
+
+_AR_OPTIONS = {
+    "output": Option(autoregressive.OUTPUTS, "softmax",
+                     "p(y_i | y_<i): a K-way softmax over the levels, or a mixture of 5 discretized logistics "
+                     "(PixelCNN++)"),
+    "conditional": Option(("no", "yes"), "no",
+                          "class-conditional p(y | c) on the digit's label, with p(y) = Σ_c π_c p(y | c) "
+                          "reported; digits only"),
+}
+_AR_COLUMNS = (
+    Column("−log P(y | c) (nats)", number("test_conditional_nll_nats")),
+    Column("sampling (ms/image)", lambda r: f"{1000 * r['sample_seconds_per_image']:.1f}"
+                                            if "sample_seconds_per_image" in r else ""),
+)
+_NUM_DIGIT_CLASSES = 10
+
+
+def _ar_common(d: ImageData, output: str, conditional: str) -> dict:
+    """The keyword arguments every autoregressive builder shares: the output and the classes (digits only)."""
+    if conditional == "yes" and d.name != "digits":
+        raise ValueError("--conditional yes needs class labels, which only the digits have here")
+    return {"output": output, "num_classes": _NUM_DIGIT_CLASSES if conditional == "yes" else 0}
+
+
+def _with_digit_prior(model: autoregressive.AutoregressiveModel) -> autoregressive.AutoregressiveModel:
+    """A conditional model's class prior π: the class frequencies of the training digits."""
+    if model.num_classes:
+        model.set_class_prior(torch.bincount(load_digit_labels("train"), minlength=_NUM_DIGIT_CLASSES).double())
+    return model
+
+
+def _build_made(d: ImageData, output: str = "softmax", conditional: str = "no", masks: str = "8",
+                ordering: str = "random") -> autoregressive.MADE:
+    return _with_digit_prior(autoregressive.MADE(
+        d.shape, d.num_levels, hidden=pick(256 if _mnist(d) else 512, 32), num_layers=2, ordering=ordering,
+        num_masks=int(masks), **_ar_common(d, output, conditional)))
+
+
+def _build_pixelcnn(d: ImageData, output: str = "softmax", conditional: str = "no") -> autoregressive.PixelCNN:
+    big = _mnist(d)
+    return _with_digit_prior(autoregressive.PixelCNN(
+        d.shape, d.num_levels, channels=pick(128 if big else 64, 8), num_layers=pick(12 if big else 6, 2),
+        first_kernel=7 if big else 5, **_ar_common(d, output, conditional)))
+
+
+def _build_gated_pixelcnn(d: ImageData, output: str = "softmax",
+                          conditional: str = "no") -> autoregressive.GatedPixelCNN:
+    big = _mnist(d)
+    return _with_digit_prior(autoregressive.GatedPixelCNN(
+        d.shape, d.num_levels, channels=pick(128 if big else 64, 8), num_layers=pick(15 if big else 8, 2),
+        first_kernel=7 if big else 5, **_ar_common(d, output, conditional)))
+
+
+class _DigitLabels:
+    """The class of a digits image found from its pixels: ``fit`` hands the loss images only.
+
+    The 1797 digits are all different, so an image of the fixed train/val/test split has exactly one
+    label (``data.load_digit_labels``). Each image gets a random integer hash of its 64 levels; a
+    batch's hashes are looked up in the sorted table on the batch's device (no host round trip). Outside
+    ``fit`` (where values may be read) an image that is not one of the digits raises ValueError.
+    """
+
+    def __init__(self) -> None:
+        splits = tuple(DIGITS_SPLIT)
+        images = torch.cat([load_digits(s, flat=True) for s in splits]).long()  # (1797, 64)
+        labels = torch.cat([load_digit_labels(s) for s in splits])
+        self.weights = torch.randint(1, 2 ** 40, (images.shape[1],), generator=torch.Generator().manual_seed(0),
+                                     device="cpu")
+        self.keys, order = (images * self.weights).sum(1).sort()
+        self.labels = labels[order]
+        self._on: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def __call__(self, y: Tensor) -> Tensor:
+        """Labels ``(B,)`` int64 of digits images ``y`` ``(B, 1, 8, 8)``, on ``y``'s device."""
+        if y.device not in self._on:
+            self._on[y.device] = (self.weights.to(y.device), self.keys.to(y.device), self.labels.to(y.device))
+        weights, keys, labels = self._on[y.device]
+        key = (y.flatten(1).long() * weights).sum(1)
+        index = torch.searchsorted(keys, key).clamp_max(len(keys) - 1)
+        if value_checks(y) and not torch.equal(keys[index], key):
+            raise ValueError("a conditional model trains on the digits only: an image is not one of them")
+        return labels[index]
+
+
+@functools.cache
+def _digit_labels() -> _DigitLabels:
+    return _DigitLabels()
+
+
+def _ar_loss(model: autoregressive.AutoregressiveModel) -> Callable[[Tensor], Tensor]:
+    """The training loss: ``-log P(y)``, exact; for a conditional model ``-log P(y, c) = -log P(y | c) - log π_c``
+    with the digit's own label ``c``, an upper bound on ``-log P(y)`` (it drops the other classes' terms)."""
+    if not model.num_classes:
+        return model.nll
+
+    def loss(y: Tensor) -> Tensor:
+        labels = _digit_labels()(y)
+        return model.nll(y, labels) - model.class_log_prior[labels]
+
+    return loss
+
+
+def _ar_report(model: autoregressive.AutoregressiveModel, data: ImageData, seed: int) -> dict:
+    """The exact test NLL (the model is a discrete distribution), per class for a conditional model, and the
+    sampling time per image."""
+    test = data.test[:MAX_TEST_IMAGES]
+    model.eval()
+    with torch.no_grad():
+        nll = torch.cat([model.nll(batch) for batch in test.split(250)])
+    metrics = {"test_nll_nats": nll.mean().item(), "test_nll_se_nats": (nll.std() / math.sqrt(len(nll))).item(),
+               "nll_method": "exact",
+               "likelihood": f"exact -log P(y) by the chain rule, the sum of the {data.num_dims} conditionals "
+                             f"-log P(y_i | y_<i) over the levels, on {len(test)} test images; no bound and no "
+                             "dequantization term"}
+    if isinstance(model, autoregressive.MADE) and model.num_masks > 1:
+        metrics["likelihood"] += (f"; the ensemble of {model.num_masks} orderings, log (1/S) Σ_s P_s(y), "
+                                  "is itself exact")
+    if model.num_classes:
+        labels = load_digit_labels("test")[:len(test)].to(test.device)
+        with torch.no_grad():
+            cond = torch.cat([model.nll(b, c) for b, c in zip(test.split(250), labels.split(250))])
+        metrics["likelihood"] += (f"; conditional model: -log P(y) = -log Σ_c π_c P(y | c) over the "
+                                  f"{model.num_classes} classes (π: the training class frequencies), and "
+                                  "test_conditional_nll_nats = -log P(y | c) with the true labels")
+        metrics.update(test_conditional_nll_nats=cond.mean().item(), class_samples_figure="class_samples.png")
+    n = pick(64, 8)
+    synchronize = torch.cuda.synchronize if module_device(model).type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    model.sample(n, generator=torch.Generator().manual_seed(seed))
+    synchronize()
+    metrics.update(sample_seconds_per_image=(time.perf_counter() - start) / n, sample_count=n)
+    return metrics
+
+
+def _ar_figures(model: autoregressive.AutoregressiveModel, data: ImageData, seed: int,
+                title: str) -> dict[str, Figure]:
+    """``samples.png`` (64 samples) and, for a conditional model, ``class_samples.png``: one row per class."""
+    figures = _image_samples(model, data, seed, title, to_unit=lambda y: y / (model.num_levels - 1))
+    if model.num_classes:
+        per_class = 8
+        labels = torch.arange(model.num_classes, device=module_device(model)).repeat_interleave(per_class)
+        samples = model.sample(len(labels), labels=labels, generator=torch.Generator().manual_seed(seed + 1))
+        figures["class_samples"] = plots.image_grid(samples / (model.num_levels - 1), nrow=per_class, vmax=1.0,
+                                                    title=f"{title}: one row per class, 0 to {model.num_classes - 1}")
+    return figures
+
+
 MODELS: dict[str, ModelSpec] = {
     "realnvp": ModelSpec(
         description="RealNVP: logit + 8 affine couplings, checkerboard masks, conv conditioners (lecture 02)",
@@ -319,8 +467,8 @@ MODELS: dict[str, ModelSpec] = {
         description="Glow: logit + 2 levels of (squeeze, actnorm, LU 1x1 conv, affine coupling) with a split; "
                     "variational dequantization (lectures 03-04)",
         build=lambda d, dequantization="variational": flows.glow(
-            d.shape, num_levels=d.num_levels, levels=2, steps_per_level=pick(8 if _mnist(d) else 4, 2),
-            hidden=pick(128 if _mnist(d) else 64, 32), dequantization=dequantization),
+            d.shape, num_levels=d.num_levels, levels=2, steps_per_level=pick(8, 2),
+            hidden=pick(128 if _mnist(d) else 32, 32), dequantization=dequantization),
         epochs=150, fast_epochs=10, lr=1e-3, batch_size=64, time_budget=300.0, fast_time_budget=30.0,
         report=_glow_report, overrides={"mnist": _MNIST},
         options={"dequantization": Option(("variational", "uniform"), "variational",
@@ -367,5 +515,34 @@ MODELS: dict[str, ModelSpec] = {
         overrides={"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)},
                    "mnist": {**_MNIST, "lr": (2e-4, 2e-4)}},
         columns=_DDPM_COLUMNS,
+    ),
+    "made": ModelSpec(
+        description="MADE: masked MLP (2 x 512 ReLU), 8 random orderings trained in turn (one per minibatch), "
+                    "their exact ensemble at test; exact NLL (lecture 01)",
+        build=_build_made, epochs=1000, fast_epochs=2, lr=1e-3, batch_size=64, time_budget=120.0,
+        fast_time_budget=5.0, report=_ar_report, figures=_ar_figures, loss=_ar_loss,
+        loss_label="-log P(y) (nats; -log P(y, c) if conditional)", overrides={"mnist": _MNIST},
+        options={**_AR_OPTIONS,
+                 "masks": Option(("1", "2", "4", "8", "16"), "8",
+                                 "mask sets S: above 1, each minibatch trains the next and the test NLL is their "
+                                 "exact ensemble"),
+                 "ordering": Option(autoregressive.ORDERINGS, "random", "raster order, or a random one per mask set")},
+        columns=_AR_COLUMNS,
+    ),
+    "pixelcnn": ModelSpec(
+        description="PixelCNN: a mask-A 5x5 convolution, 6 residual mask-B 3x3 layers (it has the blind spot); "
+                    "exact NLL (lecture 01)",
+        build=_build_pixelcnn, epochs=1000, fast_epochs=2, lr=1e-3, batch_size=64, time_budget=150.0,
+        fast_time_budget=5.0, report=_ar_report, figures=_ar_figures, loss=_ar_loss,
+        loss_label="-log P(y) (nats; -log P(y, c) if conditional)", overrides={"mnist": _MNIST},
+        options=_AR_OPTIONS, columns=_AR_COLUMNS,
+    ),
+    "gated_pixelcnn": ModelSpec(
+        description="gated PixelCNN: 8 layers of vertical and horizontal stacks, tanh x sigmoid gates, no blind "
+                    "spot, optional class conditioning; exact NLL (lecture 01)",
+        build=_build_gated_pixelcnn, epochs=1000, fast_epochs=2, lr=1e-3, batch_size=64, time_budget=300.0,
+        fast_time_budget=5.0, report=_ar_report, figures=_ar_figures, loss=_ar_loss,
+        loss_label="-log P(y) (nats; -log P(y, c) if conditional)", overrides={"mnist": _MNIST},
+        options=_AR_OPTIONS, columns=_AR_COLUMNS,
     ),
 }

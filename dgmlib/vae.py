@@ -16,7 +16,8 @@ Tomczak & Welling 2018 (VampPrior, Eq. 9); Salimans et al. 2017 (PixelCNN++, dis
 logistic, Sec. 2.1); Isachenko, DGM lecture 6 (ELBO surgery, NF-based prior, CDF discretization).
 
 ``discretized_logistic_log_prob`` and ``log_bin_probability`` are re-exported for compatibility;
-the home is ``dgmlib.dequantization``.
+the home is ``dgmlib.dequantization``. ``MaskedConv2d`` (the PixelCNN convolution of the
+autoregressive decoder) is re-exported too; its home is ``dgmlib.autoregressive``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgmlib import flows
+from dgmlib.autoregressive import MaskedConv2d  # its home; re-exported here for compatibility
 from dgmlib.device import bernoulli, module_device, multinomial, rand, randint, randn, value_checks
 from dgmlib.dequantization import check_levels, discretized_logistic_log_prob, log_bin_probability
 
@@ -492,29 +494,6 @@ class BernoulliDecoder(_Decoder):
     def sample(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Binary ``y ~ p(y | z)``, shape ``(B, *event_shape)``."""
         return bernoulli(self.mean(z), generator=generator)
-
-
-class MaskedConv2d(nn.Conv2d):
-    """A PixelCNN convolution: each output sees only the pixels before it in raster order.
-
-    Type ``"A"`` also hides the centre pixel (first layer: pixel ``d`` must not see ``y_d``); type
-    ``"B"`` keeps it (later layers). Van den Oord et al. 2016, "Pixel recurrent neural networks",
-    Sec. 3.5 and Fig. 4 (single channel, so no colour masks).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask_type: str) -> None:
-        if mask_type not in ("A", "B") or kernel_size % 2 == 0:
-            raise ValueError(f"mask_type must be 'A' or 'B' and kernel_size odd, got {mask_type!r}, {kernel_size}")
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        mask = torch.ones_like(self.weight)
-        c = kernel_size // 2
-        mask[:, :, c, c + (mask_type == "B"):] = 0  # the centre row: right of the centre (and it, for A)
-        mask[:, :, c + 1:] = 0  # every row below
-        self.register_buffer("mask", mask)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, C_in, H, W) -> (N, C_out, H, W)`` with the masked kernel."""
-        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
 
 
 class AutoregressiveDecoder(_Decoder):

@@ -65,6 +65,9 @@ def test_code_swap_is_detected(monkeypatch):
 @pytest.mark.parametrize("target, attr", [(torch, "allclose"), (torch.testing, "assert_close"),
                                           (torch.Tensor, "__eq__"), (__import__("builtins"), "all"),
                                           (__import__("dgmlib.train").train, "evaluate"),
+                                          (__import__("dgmlib.autoregressive").autoregressive, "receptive_field"),
+                                          (__import__("dgmlib.dequantization").dequantization,
+                                           "variational_dequantization_nll"),
                                           (grading, "_ask_checker")])
 def test_replaced_machinery_is_detected(monkeypatch, target, attr):
     monkeypatch.setattr(target, attr, lambda *a, **k: True)

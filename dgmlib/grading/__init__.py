@@ -46,6 +46,7 @@ import numpy
 import torch
 
 import dgmlib
+import dgmlib.autoregressive
 import dgmlib.cnf
 import dgmlib.config
 import dgmlib.data
@@ -77,7 +78,7 @@ _TENSOR_METHODS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "
                    "cpu", "clone", "size", "tolist", "flatten", "reshape", "double", "float")
 _NUMPY_NAMES = ("allclose", "array_equal", "isclose", "ascontiguousarray", "testing.assert_allclose")
 _MATH_NAMES = ("isclose", "isfinite", "log", "exp")
-_DGMLIB_MODULES = (dgmlib.cnf, dgmlib.config, dgmlib.data, dgmlib.dequantization, dgmlib.device, dgmlib.diffusion,
+_DGMLIB_MODULES = (dgmlib.autoregressive, dgmlib.cnf, dgmlib.config, dgmlib.data, dgmlib.dequantization, dgmlib.device, dgmlib.diffusion,
                    dgmlib.flows, dgmlib.ode, dgmlib.revnet, dgmlib.train, dgmlib.units, dgmlib.vae)
 _C_TYPES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
             types.ClassMethodDescriptorType, types.MethodWrapperType, types.GetSetDescriptorType)
