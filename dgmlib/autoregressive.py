@@ -709,6 +709,22 @@ def _check_grey(event_shape: tuple[int, ...]) -> None:
         raise ValueError(f"the PixelCNNs here model grey images (one channel), got event_shape {event_shape}")
 
 
+def _check_conv_sizes(event_shape: tuple[int, ...], channels: int, num_layers: int, first_kernel: int,
+                      kernel_size: int) -> None:
+    """The checks a convolutional autoregressive model makes of its sizes (ValueError naming the bad one)."""
+    _check_grey(event_shape)
+    _check_positive_int(channels, "channels")
+    _check_positive_int(num_layers, "num_layers")
+    _check_odd_kernel(first_kernel, "first_kernel")
+    _check_odd_kernel(kernel_size)
+
+
+def _output_head(channels: int, params_per_pixel: int) -> nn.Sequential:
+    """ReLU, 1x1 conv, ReLU, 1x1 conv to the ``P`` output numbers per pixel: ``(B, channels, H, W) -> (B, P, H, W)``.
+    A 1x1 convolution mixes channels at one position only, so it keeps the masks' causality."""
+    return nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(), nn.Conv2d(channels, params_per_pixel, 1))
+
+
 class PixelCNN(AutoregressiveModel):
     """PixelCNN: a mask-A convolution, then residual mask-B convolutions, then 1x1 layers to the outputs.
 
@@ -732,16 +748,11 @@ class PixelCNN(AutoregressiveModel):
                  num_layers: int = 6, first_kernel: int = 7, kernel_size: int = 3, output: str = "softmax",
                  num_mixtures: int = 5, num_classes: int = 0) -> None:
         super().__init__(event_shape, num_levels, output, num_mixtures, num_classes)
-        _check_grey(self.event_shape)
-        _check_positive_int(channels, "channels")
-        _check_positive_int(num_layers, "num_layers")
-        _check_odd_kernel(first_kernel, "first_kernel")
-        _check_odd_kernel(kernel_size)
+        _check_conv_sizes(self.event_shape, channels, num_layers, first_kernel, kernel_size)
         self.channels, self.num_layers = channels, num_layers
         self.first = MaskedConv2d(1, channels, first_kernel, "A")
         self.layers = nn.ModuleList([MaskedConv2d(channels, channels, kernel_size, "B") for _ in range(num_layers)])
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
-                                  nn.Conv2d(channels, self.params_per_pixel, 1))
+        self.head = _output_head(channels, self.params_per_pixel)
         self.embed = nn.Embedding(num_classes, channels * (num_layers + 1)) if num_classes else None
 
     def _net(self, x: Tensor, labels: Tensor | None) -> Tensor:
@@ -843,18 +854,13 @@ class GatedPixelCNN(AutoregressiveModel):
                  num_layers: int = 8, first_kernel: int = 5, kernel_size: int = 3, output: str = "softmax",
                  num_mixtures: int = 5, num_classes: int = 0) -> None:
         super().__init__(event_shape, num_levels, output, num_mixtures, num_classes)
-        _check_grey(self.event_shape)
-        _check_positive_int(channels, "channels")
-        _check_positive_int(num_layers, "num_layers")
-        _check_odd_kernel(first_kernel, "first_kernel")
-        _check_odd_kernel(kernel_size)
+        _check_conv_sizes(self.event_shape, channels, num_layers, first_kernel, kernel_size)
         self.channels, self.num_layers = channels, num_layers
         self.layers = nn.ModuleList(
             [GatedPixelCNNLayer(1, channels, first_kernel, first=True, num_classes=num_classes)]
             + [GatedPixelCNNLayer(channels, channels, kernel_size, num_classes=num_classes)
                for _ in range(num_layers - 1)])
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
-                                  nn.Conv2d(channels, self.params_per_pixel, 1))
+        self.head = _output_head(channels, self.params_per_pixel)
 
     def _net(self, x: Tensor, labels: Tensor | None) -> Tensor:
         v = h = x
