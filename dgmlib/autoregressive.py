@@ -448,8 +448,10 @@ class AutoregressiveModel(nn.Module):
         logits, means, log_scales = self._mixture(params.movedim(1, -1))  # each (B, C, H, W, M)
         return discretized_logistic_mixture_log_prob(y.to(params.dtype), logits, means, log_scales, self.num_levels)
 
-    def _level_log_probs(self, params: Tensor) -> Tensor:
-        """``log P(level)`` of all ``K`` levels, ``(B, K)``, from the numbers ``(B, P)`` of one pixel."""
+    def level_log_probs(self, params: Tensor) -> Tensor:
+        """``log P(level)`` of all ``K`` levels, ``(B, K)`` nats, from the network's numbers ``(B, P)`` of one pixel
+        (a slice ``forward(y)[:, :, c, i, j]``): the log-softmax, or the discretized logistic mixture (PixelCNN++,
+        Eq. 2) evaluated at every level. Each row sums to 1 in probability."""
         if self.output == "softmax":
             return F.log_softmax(params, dim=-1)
         b, k, m = params.shape[0], self.num_levels, self.num_mixtures
@@ -531,7 +533,7 @@ class AutoregressiveModel(nn.Module):
         with inputs_checked():
             for i in self._sampling_order(**kwargs):
                 params = self._net_levels(y.view(n, *self.event_shape), labels, **kwargs).flatten(2)[:, :, i]  # (n, P)
-                probs = F.softmax(self._level_log_probs(params) / temperature, dim=-1)
+                probs = F.softmax(self.level_log_probs(params) / temperature, dim=-1)
                 y[:, i] = _draw(probs, generator).to(y.dtype)
         return y.view(n, *self.event_shape)
 
