@@ -14,13 +14,27 @@ import re
 
 from nbformat.v4 import new_code_cell
 
-from nbhelpers import nbg, solution_sources
+from nbhelpers import ASSIGNMENTS, nbg, solution_sources
 
 # What each pipeline submission must score on the autograded cells. "honest" is the complete solution;
 # "innocent" is the same solution as a student might write it (see INNOCENT) and scores the same;
 # "partial" fills in only the listed solution cells; "raises" is the full solution with `raising_cell`
 # made to raise first. Every other submission (the blank release, every attacker) must score 0.
 EXPECTED = {
+    "hw1_autoregressive": {
+        "assignment": "hw1_autoregressive",
+        "partial_cells": {"made"},
+        "raising_cell": "conv",
+        "scores": {
+            "honest": {"test_made_masks": 2, "test_made_causal": 3, "test_mask_conv": 2, "test_conv_causal": 3,
+                       "test_stack_masks": 2, "test_gated_layer": 2, "test_gated_causal": 2, "test_blind_spot": 2,
+                       "test_gated_normalised": 2, "test_pixelcnn": 2, "test_nll": 3},
+            "partial": {"test_made_masks": 2, "test_made_causal": 3},
+            # without the masked convolution no PixelCNN can be built; MADE and the gated layer stand alone
+            "raises": {"test_made_masks": 2, "test_made_causal": 3, "test_stack_masks": 2, "test_gated_layer": 2,
+                       "test_gated_causal": 2, "test_blind_spot": 2, "test_gated_normalised": 2},
+        },
+    },
     "hw2_flows": {
         "assignment": "hw2_flows",
         "partial_cells": {"coupling"},
@@ -73,12 +87,13 @@ EXPECTED = {
 }
 # Grading the innocent solution costs a full training: it is graded with the first assignment only. The
 # review of every assignment's innocent solution is tested on its own (test_grading_security).
-EXPECTED["hw2_flows"]["scores"]["innocent"] = EXPECTED["hw2_flows"]["scores"]["honest"]
+EXPECTED[ASSIGNMENTS[0]]["scores"]["innocent"] = EXPECTED[ASSIGNMENTS[0]]["scores"]["honest"]
 
 # The complete solution in a student's own words, which the review must not flag: a comment that names
 # the reference answers and says "jacobian", a docstring, a helper function of its own, and a variable
 # renamed in one cell (a regex on names that are not attributes).
 INNOCENT = {
+    "hw1_autoregressive": ("gated", r"\ba_v\b", "vertical_pre"),
     "hw2_flows": ("coupling", r"\blog_det\b", "log_abs_det"),
     "hw3_vae": ("bounds", r"\blog_w\b", "log_importance_weights"),
     "hw5_neural_ode": ("hutchinson", r"\beps_jac\b", "vjp_eps"),
@@ -96,6 +111,49 @@ _checked = _mine(1)
 
 # A wrong but running answer for every solution cell, so that tampering is what would earn points.
 WRONG = {
+    "hw1_autoregressive": {
+        "made": """
+def made_masks(degrees):
+    sizes = [len(d) for d in degrees] + [len(degrees[0])]
+    return [torch.ones(b, a) for a, b in zip(sizes[:-1], sizes[1:])]
+""",
+        "conv": """
+class MaskedConv2d(nn.Conv2d):
+    def __init__(self, in_channels, out_channels, kernel_size, mask_type):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.mask_type = mask_type
+        self.register_buffer("mask", torch.ones(kernel_size, kernel_size))
+""",
+        "stack_masks": "def vertical_mask(kernel_size, first=False):\n    return torch.ones(kernel_size, kernel_size)\n"
+                       "def horizontal_mask(kernel_size, first=False):\n    return torch.ones(1, kernel_size)",
+        "gated": """
+class GatedLayer(nn.Module):
+    def __init__(self, in_channels, channels, kernel_size=3, first=False):
+        super().__init__()
+        self.v_conv = ConvWithMask(in_channels, 2 * channels, vertical_mask(kernel_size, first))
+        self.h_conv = ConvWithMask(in_channels, 2 * channels, horizontal_mask(kernel_size, first))
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_out = nn.Conv2d(channels, channels, 1)
+        self.residual = False
+    @staticmethod
+    def gate(a):
+        return torch.relu(a[:, : a.shape[1] // 2])
+    def forward(self, v, h):
+        return self.gate(self.v_conv(v)), self.gate(self.h_conv(h))
+""",
+        "pixelcnn": """
+class MyPixelCNN(autoregressive.AutoregressiveModel):
+    def __init__(self, event_shape=(1, 8, 8), num_levels=17, channels=64, num_layers=4, first_kernel=7, kernel_size=3):
+        super().__init__(event_shape, num_levels)
+        self.first = MaskedConv2d(1, channels, first_kernel, "A")
+        self.layers = nn.ModuleList([MaskedConv2d(channels, channels, kernel_size, "B") for _ in range(num_layers)])
+        self.head = nn.Conv2d(channels, num_levels, 1)
+    def _net(self, x, labels=None):
+        return self.head(self.first(x)).unsqueeze(2)
+""",
+        "train": "model = MyPixelCNN(images.shape, images.num_levels, channels=CHANNELS, num_layers=LAYERS)\n"
+                 "history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
+    },
     "hw2_flows": {
         "coupling": """
 class AffineCoupling(flows.Bijection):
@@ -295,6 +353,7 @@ _g._checker_process = _Process()
 # Delegating to dgmlib's reference implementation of the answer: only this cell is filled in (the
 # others raise), so the points it earns are those of the tests of this cell alone.
 REFERENCE = {
+    "hw1_autoregressive": ("made", "def made_masks(degrees):\n    return autoregressive.made_masks(degrees)\n"),
     "hw2_flows": ("coupling", """
 class AffineCoupling(flows.Bijection):
     def __init__(self, mask, net, scale_bound=3.0):

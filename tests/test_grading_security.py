@@ -268,6 +268,31 @@ def test_hw2_policy_flags_the_answers_of_glow_and_dequantization(cell, code, ans
     assert review.review_source([("vtrain", "", "q = dequantization.VariationalDequantizer((1, 8, 8), 17, hidden=16)\n"
                                                 "u, log_q = q.sample(train_y[:4])")], policy) == []
 
+@pytest.mark.parametrize("cell, code, answer", [
+    ("made", "def made_masks(degrees):\n    return autoregressive.made_masks(degrees)", "made_masks"),
+    ("made", "masks = autoregressive.MADE((1, 2, 2), 3, hidden=4).masks()", "MADE"),
+    ("conv", "class MaskedConv2d(autoregressive.MaskedConv2d):\n    pass", "MaskedConv2d"),
+    ("conv", "from dgmlib.vae import MaskedConv2d as Mine", "MaskedConv2d"),
+    ("stack_masks", "vertical_mask = getattr(autoregressive, 'vertical_mask')", "vertical_mask"),
+    ("stack_masks", "from dgmlib.autoregressive import horizontal_mask", "horizontal_mask"),
+    ("gated", "GatedLayer = autoregressive.GatedPixelCNNLayer", "GatedPixelCNNLayer"),
+    ("pixelcnn", "class MyPixelCNN(autoregressive.PixelCNN):\n    pass", "PixelCNN"),
+    ("train", "model = autoregressive.GatedPixelCNN()", "GatedPixelCNN"),
+])
+def test_hw1_policy_flags_the_answers_of_the_autoregressive_models(cell, code, answer):
+    """hw1's own policy (from its source notebook) flags a cell that delegates to dgmlib's masks, masked
+    convolutions or models, by any route."""
+    policy = review.Policy.from_notebook(
+        json.loads((ROOT / "solutions" / "hw1_autoregressive" / "hw1_autoregressive.ipynb").read_text()))
+    flags = review.review_source([(cell, "", code)], policy)
+    # MaskedConv2d is one object under two names: the flag may give either
+    assert any("an answer" in f and answer in f for f in flags), flags
+    # the helpers the assignment hands out are tools, not answers
+    tools = ("degrees = autoregressive.made_degrees(6, [8], 'random')\nlayer = autoregressive.MaskedLinear(6, 8)\n"
+             "class Mine(autoregressive.AutoregressiveModel):\n    pass")
+    assert review.review_source([("pixelcnn", "", tools)], policy) == []
+
+
 # ---------------------------------------------------------------- similarity (copydetect)
 
 
