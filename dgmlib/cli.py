@@ -165,6 +165,8 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     loss_fn = spec.loss(model) if spec.loss is not None else None
     history = fit(model, data.train, data.val, loss_fn=loss_fn, seed=seed, progress=progress, device=device,
                   **settings)
+    stage = spec.after_fit(model, data, {"seed": seed, "progress": progress, "device": device}) \
+        if spec.after_fit is not None else {}
     model.to(device)
     on_device = data.to(device)
     report = spec.report(model, on_device, seed)
@@ -181,6 +183,7 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
         **likelihood,
         ("val_loss" if spec.loss is not None else "val_nll_nats"): min(history.val_loss),
         **report,
+        **stage,
         "num_levels": data.num_levels,
         "num_dims": data.num_dims,
         "train_seconds": history.seconds,

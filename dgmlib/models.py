@@ -17,11 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from dgmlib import autoregressive, cnf, dequantization, diffusion, flows, plots, vae
+from dgmlib import autoregressive, cnf, dequantization, diffusion, flows, plots, vae, vq
 from dgmlib.config import pick
 from dgmlib.data import DIGITS_SPLIT, TOY_DENSITIES, ImageData, ToyData, load_digit_labels, load_digits, toy_entropy
 from dgmlib.device import module_device, value_checks
@@ -95,6 +96,9 @@ class ModelSpec:
         overrides: training settings by dataset kind (``"toy2d"``, ``"mnist"``), each a ``(full, fast)``
             pair, e.g. ``{"mnist": {"batch_size": (128, 64)}}``.
         columns: the model's own columns in ``dgm results --details`` (metrics of ``report``).
+        after_fit: ``(model, data, settings) -> dict``, a second training stage run after ``fit`` and before
+            ``report`` (the VQ-VAE's prior over its codes); ``settings`` holds ``fit``'s ``seed``, ``progress``
+            and ``device``, and the returned metrics go into ``metrics.json``.
     """
 
     description: str
@@ -114,6 +118,7 @@ class ModelSpec:
     default_toy: str = "8gaussians"
     overrides: dict[str, dict[str, tuple]] = field(default_factory=dict)
     columns: tuple[Column, ...] = ()
+    after_fit: Callable[[nn.Module, Data, dict], dict] | None = None
 
     def resolve_options(self, options: dict[str, str]) -> dict[str, str]:
         """Check options such as ``{"prior": "flow"}`` and fill in the defaults of the others.
@@ -455,6 +460,81 @@ def _ar_figures(model: autoregressive.AutoregressiveModel, data: ImageData, seed
     return figures
 
 
+def _build_vqvae(d: ImageData, codebook: str = "ema") -> vq.VQVAE:
+    return vq.VQVAE(d.shape, d.num_levels, num_codes=64, code_dim=16, channels=pick(64, 32), downsample=2,
+                    ema=codebook == "ema", prior_channels=pick(64, 32))
+
+
+def _vqvae_prior(model: vq.VQVAE, data: ImageData, settings: dict) -> dict:
+    """Stage 2: the gated PixelCNN prior fitted to the training images' code maps (``vq.fit_prior``)."""
+    history = vq.fit_prior(model, data.train, data.val, epochs=pick(300, 5), lr=3e-3, batch_size=64,
+                           time_budget=pick(30.0, 5.0), **settings)
+    return {"prior_train_seconds": history.seconds, "prior_epochs_run": len(history.train_loss),
+            "prior_val_nll_nats": min(history.val_loss)}
+
+
+def _vqvae_report(model: vq.VQVAE, data: ImageData, seed: int) -> dict:
+    """The bound -log p(y|z_q) - log p(c) with the fitted prior and with the uniform one, its two terms, and the
+    codebook's health (perplexity, codes in use on the training and test images, restarts)."""
+    test = data.test[:MAX_TEST_IMAGES]
+    model.eval()
+    with torch.no_grad():
+        terms = [model.nll_terms(batch) for batch in test.split(250)]
+        codes_test = torch.cat([model.codes(batch) for batch in test.split(250)])
+    recon, prior = torch.cat([t[0] for t in terms]), torch.cat([t[1] for t in terms])
+    nll = recon + prior
+    uniform = vq.uniform_prior_nll(model.num_positions, model.num_codes)
+    codes_train = vq.encode_codes(model, data.train[:MAX_TEST_IMAGES])
+    used_train = len(torch.unique(codes_train))
+    fitted = "a gated PixelCNN fitted to the training images' code maps (stage 2), its exact NLL of the test codes" \
+        if model.prior_fitted else "the uniform prior"
+    return {
+        "test_nll_nats": nll.mean().item(), "test_nll_se_nats": (nll.std() / math.sqrt(len(nll))).item(),
+        "nll_method": "VQ-VAE bound, " + ("PixelCNN prior" if model.prior_fitted else "uniform prior"),
+        "likelihood": (f"-log P(y) <= -log p(y | z_q) - log p(c) on {len(test)} test images: q(c | y) is a point mass "
+                       "on the nearest codes (log q = 0), p(y | z_q) a categorical decoder over the levels, p(c) "
+                       f"{fitted}; with the uniform prior -log p(c) = M log K = {uniform:.2f} nats "
+                       f"(M = {model.num_positions} positions, K = {model.num_codes} codes)"),
+        "recon_nll_nats": recon.mean().item(), "prior_nll_nats": prior.mean().item(),
+        "uniform_prior_nll_nats": uniform, "uniform_bound_nats": recon.mean().item() + uniform,
+        "perplexity": vq.codebook_perplexity(codes_test, model.num_codes).item(), "num_codes": model.num_codes,
+        "codes_used_train": used_train, "dead_codes_train": model.num_codes - used_train,
+        "codes_used_test": len(torch.unique(codes_test)), "restarts": int(model.quantizer.restarts),
+    }
+
+
+def _vqvae_figures(model: vq.VQVAE, data: ImageData, seed: int, title: str) -> dict[str, Figure]:
+    """``samples.png`` (prior samples, decoded), ``reconstructions.png`` (test images over their reconstructions)
+    and ``codes.png`` (how often each code is used on the test images)."""
+    figures = _image_samples(model, data, seed, title)
+    model.eval()
+    test = data.test[:32]
+    with torch.no_grad():
+        z_q = model.quantizer.quantize(model.codes(test))
+        probs = torch.softmax(model.decode_logits(z_q), dim=1)
+        levels = torch.arange(model.num_levels, device=probs.device, dtype=probs.dtype)
+        recon = torch.einsum("bkhw,k->bhw", probs, levels).unsqueeze(1)
+        codes = torch.cat([model.codes(b) for b in data.test[:MAX_TEST_IMAGES].split(250)])
+    pair = torch.cat([test.to(recon.dtype), recon]) / (model.num_levels - 1)
+    figures["reconstructions"] = plots.image_grid(pair, nrow=8, vmax=1.0,
+                                                  title=f"{title}: test images (top 4 rows), reconstructions (bottom)")
+    counts = torch.bincount(codes.flatten().cpu(), minlength=model.num_codes)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(range(model.num_codes), counts.tolist())
+    ax.set(xlabel="code", ylabel="uses on the test images", title=f"{title}: codebook usage "
+           f"(perplexity {vq.codebook_perplexity(codes, model.num_codes).item():.1f} of {model.num_codes})")
+    figures["codes"] = fig
+    return figures
+
+
+_VQ_COLUMNS = (
+    Column("−log p(y|z_q) (nats)", number("recon_nll_nats")),
+    Column("−log p(c) (nats)", number("prior_nll_nats")),
+    Column("uniform-prior bound (nats)", number("uniform_bound_nats")),
+    Column("perplexity", lambda r: f"{r['perplexity']:.1f} / {r['num_codes']}" if "perplexity" in r else ""),
+)
+
+
 MODELS: dict[str, ModelSpec] = {
     "realnvp": ModelSpec(
         description="RealNVP: logit + 8 affine couplings, checkerboard masks, conv conditioners (lecture 02)",
@@ -544,5 +624,16 @@ MODELS: dict[str, ModelSpec] = {
         fast_time_budget=5.0, report=_ar_report, figures=_ar_figures, loss=_ar_loss,
         loss_label="-log P(y) (nats; -log P(y, c) if conditional)", overrides={"mnist": _MNIST},
         options=_AR_OPTIONS, columns=_AR_COLUMNS,
+    ),
+    "vqvae": ModelSpec(
+        description="VQ-VAE: conv encoder to a 2x2 grid (7x7 on MNIST) of 16-d vectors, 64 codes (EMA, dead codes "
+                    "restarted), categorical decoder; then a gated PixelCNN prior over the codes; the bound (lecture 07)",
+        build=_build_vqvae, epochs=1000, fast_epochs=3, lr=1e-3, batch_size=64, time_budget=60.0,
+        fast_time_budget=5.0, report=_vqvae_report, figures=_vqvae_figures,
+        loss=lambda model: model.training_loss,
+        loss_label="-log p(y | z_q) + β ||z_e - sg[e]||² (nats + squared distance)", overrides={"mnist": _MNIST},
+        options={"codebook": Option(("ema", "loss"), "ema", "codes moved by EMA of their encoder outputs, or "
+                                                             "trained by the codebook loss")},
+        after_fit=_vqvae_prior, columns=_VQ_COLUMNS,
     ),
 }

@@ -1,0 +1,522 @@
+"""Vector quantization and the VQ-VAE: discrete latents, the straight-through gradient, and a prior over codes.
+
+A VQ-VAE (van den Oord, Vinyals & Kavukcuoglu 2017, "Neural discrete representation learning") encodes an
+image to a grid of vectors ``z_e (B, D, h, w)`` and replaces each vector by its nearest neighbour in a
+codebook ``{e_1, ..., e_K}`` (Eq. 1-2):
+
+    k*_ij = argmin_k || z_e,ij - e_k ||,        z_q,ij = e_{k*_ij}.
+
+**The posterior is a point mass.** ``q(c | y)`` puts probability 1 on the code map ``c = k*``, so its
+entropy is 0 and, for a uniform prior over the ``K`` codes at each of the ``M = h w`` positions,
+
+    KL(q(c | y) || p(c)) = -H(q) + M log K = M log K,
+
+a constant (slides "Discrete VAE latent representations"). The ELBO is then exact to write down:
+
+    -log P(y) <= -log p(y | z_q) - log p(c),    ``-log p(c) = M log K`` (uniform) or a prior's exact NLL,
+
+which ``VQVAE.nll`` reports in nats per image: after training the autoencoder, a PixelCNN fitted to the
+code maps of the training images (stage 2, ``fit_prior``; the paper's Sec. 3.1 and 4) replaces the
+uniform ``p(c)``, tightens the bound and gives the sampler.
+
+**Gradients.** ``argmin`` has no useful gradient, so the decoder's gradient with respect to ``z_q`` is
+copied to ``z_e`` (the straight-through estimator, Bengio et al. 2013; ``straight_through``). The codebook
+and the encoder are pulled towards each other by two squared distances with stop-gradients (Eq. 3):
+
+    L = -log p(y | z_q) + || sg[z_e] - e ||^2 + β || z_e - sg[e] ||^2,
+
+the **codebook loss** (moves the codes only) and the **commitment loss** (moves the encoder only; β = 0.25
+in the paper). Alternatively the codes follow an exponential moving average of the encoder outputs
+assigned to them (App. A.1, ``ema=True``), with Laplace smoothing of the counts so that no code divides by
+zero; the codebook loss is then not used. Codes that no encoder output picks any more ("dead" codes) can be
+restarted at encoder outputs of the current batch (``restart_threshold``); ``restarts`` counts them.
+
+Shapes: ``z_e (B, D, *spatial)`` with the code dimension ``D`` second, as a convolution gives it; indices
+``(B, *spatial)`` int64. Losses are per example, ``(B,)``, summed over positions and dimensions. Everything
+is created on the device of the inputs or the parameters.
+
+Sources: van den Oord et al. 2017, Eq. 1-3, Sec. 3.1-3.2 and App. A.1 (EMA); Razavi, van den Oord &
+Vinyals 2019 (VQ-VAE-2), Algorithms 1-2; slides "ELBO surgery, learnable priors, discrete latents"
+(the KL is log K) and "VQ-VAE, VQ-VAE-2, FQ-GAN".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dgmlib.autoregressive import GatedPixelCNN
+from dgmlib.dequantization import check_levels
+from dgmlib.device import module_device, module_dtype, multinomial, randint, value_checks
+from dgmlib.train import History, fit
+
+__all__ = ["Quantized", "VectorQuantizer", "VQVAE", "codebook_perplexity", "encode_codes", "fit_prior", "nearest_code",
+           "straight_through", "uniform_prior_nll"]
+
+
+def _check_positive_int(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_codes_input(z_e: Tensor, dim: int) -> None:
+    if not isinstance(z_e, Tensor):
+        raise TypeError(f"z_e must be a torch.Tensor, got {type(z_e).__name__}")
+    if not z_e.is_floating_point():
+        raise TypeError(f"z_e must be floating point, got dtype {z_e.dtype}")
+    if z_e.dim() < 2 or z_e.shape[1] != dim:
+        raise ValueError(f"z_e must have shape (B, {dim}, ...) with the code dimension second, got {tuple(z_e.shape)}")
+
+
+def straight_through(z_e: Tensor, z_q: Tensor) -> Tensor:
+    """The straight-through estimator: the value of ``z_q``, the gradient of ``z_e``.
+
+    ``z_e + sg[z_q - z_e]``: in the forward pass it equals ``z_q``; in the backward pass the gradient with
+    respect to the output goes to ``z_e`` unchanged (the Jacobian is the identity) and nothing goes to
+    ``z_q`` (van den Oord et al. 2017, Sec. 3.2; Bengio, Léonard & Courville 2013).
+
+    Shapes: any, the same for both.
+
+    Raises:
+        ValueError: if the shapes differ.
+    """
+    if z_e.shape != z_q.shape:
+        raise ValueError(f"z_e and z_q must have the same shape, got {tuple(z_e.shape)} and {tuple(z_q.shape)}")
+    return z_e + (z_q - z_e).detach()
+
+
+def nearest_code(z_e: Tensor, codebook: Tensor) -> Tensor:
+    """The index of the nearest code (Euclidean) for every vector of ``z_e`` (van den Oord et al. 2017, Eq. 1).
+
+    ``||z - e_k||^2 = ||z||^2 - 2 z·e_k + ||e_k||^2``, minimised over ``k``; ties go to the smaller index.
+
+    Args:
+        z_e: ``(B, D, *spatial)``, the code dimension second. codebook: ``(K, D)``.
+
+    Returns:
+        indices ``(B, *spatial)``, int64, on ``z_e``'s device.
+
+    Raises:
+        TypeError/ValueError: for a non-float input or mismatched dimensions.
+    """
+    if not isinstance(codebook, Tensor) or codebook.dim() != 2:
+        raise ValueError("codebook must be a (K, D) tensor")
+    _check_codes_input(z_e, codebook.shape[1])
+    flat = z_e.movedim(1, -1).reshape(-1, codebook.shape[1])  # (N, D), N = B * prod(spatial)
+    distances = (flat.square().sum(1, keepdim=True) - 2 * flat @ codebook.to(flat.dtype).T
+                 + codebook.to(flat.dtype).square().sum(1))  # (N, K)
+    return distances.argmin(1).view(z_e.shape[0], *z_e.shape[2:])
+
+
+def codebook_perplexity(indices: Tensor, num_codes: int) -> Tensor:
+    """``exp(H(p))`` of the codes' empirical frequencies ``p_k = n_k / N``: 1 if one code is used, ``K`` if all
+    are used equally often. A measure of codebook usage (the "perplexity" of VQ-VAE implementations).
+
+    Args:
+        indices: integer codes of any shape. num_codes: ``K``.
+
+    Returns:
+        a scalar tensor (float32) on the indices' device.
+
+    Raises:
+        ValueError: for an empty tensor or codes outside ``[0, K)``.
+    """
+    _check_positive_int(num_codes, "num_codes")
+    if indices.numel() == 0:
+        raise ValueError("indices is empty")
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be integers, got dtype {indices.dtype}")
+    if value_checks(indices) and (indices.min() < 0 or indices.max() >= num_codes):
+        raise ValueError(f"indices must lie in [0, {num_codes - 1}]")
+    return _perplexity(_counts(indices, num_codes))
+
+
+def _counts(indices: Tensor, num_codes: int) -> Tensor:
+    """How often each code occurs, ``(K,)`` float32, without a host round trip (unlike ``bincount``)."""
+    flat = indices.flatten().long()
+    return torch.zeros(num_codes, device=flat.device).index_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+
+
+def _perplexity(counts: Tensor) -> Tensor:
+    p = counts / counts.sum()
+    return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
+def uniform_prior_nll(num_positions: int, num_codes: int) -> float:
+    """``-log p(c) = M log K`` nats: the uniform prior's NLL of any code map with ``M`` positions and ``K`` codes,
+    which is also ``KL(q(c|y) || p(c))`` for the point-mass posterior of a VQ-VAE (its entropy is 0).
+
+    Raises:
+        ValueError: for non-positive sizes.
+    """
+    _check_positive_int(num_positions, "num_positions")
+    _check_positive_int(num_codes, "num_codes")
+    return num_positions * math.log(num_codes)
+
+
+class Quantized(NamedTuple):
+    """What ``VectorQuantizer`` returns for ``z_e (B, D, *spatial)``.
+
+    Attributes:
+        z_q: the quantized vectors with the straight-through gradient, ``(B, D, *spatial)``.
+        indices: the codes, ``(B, *spatial)`` int64.
+        codebook_loss: ``||sg[z_e] - z_q||^2`` per example ``(B,)`` (gradient to the codebook only).
+        commitment_loss: ``||z_e - sg[z_q]||^2`` per example ``(B,)`` (gradient to the encoder only).
+        loss: what to add to the reconstruction NLL, ``(B,)``: ``codebook_loss + β commitment_loss``, or
+            ``β commitment_loss`` alone for an EMA codebook.
+        perplexity: of the batch's codes (scalar).
+    """
+
+    z_q: Tensor
+    indices: Tensor
+    codebook_loss: Tensor
+    commitment_loss: Tensor
+    loss: Tensor
+    perplexity: Tensor
+
+
+class VectorQuantizer(nn.Module):
+    """A codebook of ``K`` vectors of dimension ``D`` and the nearest-neighbour quantization of ``z_e``.
+
+    Training mode updates the codebook's usage statistics on every call; with ``ema=True`` it also moves
+    the codes (van den Oord et al. 2017, App. A.1): with ``n_k`` the number of vectors assigned to code ``k``
+    in the batch and ``s_k`` their sum,
+
+        N_k <- γ N_k + (1 - γ) n_k,    m_k <- γ m_k + (1 - γ) s_k,    e_k = m_k / Ñ_k,
+        Ñ_k = (N_k + ε) / (Σ_j N_j + K ε) · Σ_j N_j       (Laplace smoothing: no division by zero).
+
+    The counts ``N`` (``cluster_size``) start at 1 and the sums ``m`` (``embed_sum``) at the initial codes, one
+    pseudo-observation at each code, so that ``e_k = m_k / N_k`` holds from the start. Without EMA the codebook
+    is a parameter trained by the codebook loss, and ``cluster_size`` still tracks the usage.
+
+    **Dead codes.** With ``restart_threshold`` set, after each training update every code whose EMA count
+    ``N_k`` fell below it is moved to a randomly chosen encoder output of the current batch (its count reset
+    to 1, its EMA sum to the new code); ``restarts`` (a buffer) counts how many codes were restarted so far.
+    A code unused since its last (re)start has ``N_k = γ^t`` after ``t`` steps, so a threshold of 1 restarts
+    it at the first step that does not pick it: on the first steps this acts as a data-dependent
+    initialisation of the codebook. The restarts need no host round trip (every code draws a candidate and
+    ``torch.where`` keeps the dead ones' only).
+
+    Every state (codebook, counts, sums, restarts) is a parameter or a registered buffer, so checkpoints round-trip.
+
+    Args:
+        num_codes: ``K``. dim: ``D``. beta: the commitment weight β (0.25 in the paper).
+        ema: move the codes by EMA instead of the codebook loss. decay: γ. eps: ε of the smoothing.
+        restart_threshold: the EMA count under which a code is restarted (None: never).
+
+    Raises:
+        ValueError: for non-positive sizes, β < 0, γ outside (0, 1), ε <= 0 or a negative threshold.
+    """
+
+    def __init__(self, num_codes: int, dim: int, beta: float = 0.25, ema: bool = True, decay: float = 0.99,
+                 eps: float = 1e-5, restart_threshold: float | None = None) -> None:
+        super().__init__()
+        _check_positive_int(num_codes, "num_codes")
+        _check_positive_int(dim, "dim")
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must lie in (0, 1), got {decay!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        if restart_threshold is not None and not restart_threshold >= 0:
+            raise ValueError(f"restart_threshold must be None or >= 0, got {restart_threshold!r}")
+        self.num_codes, self.dim, self.beta, self.ema = num_codes, dim, float(beta), bool(ema)
+        self.decay, self.eps, self.restart_threshold = float(decay), float(eps), restart_threshold
+        init = torch.empty(num_codes, dim, device="cpu").uniform_(-1.0 / num_codes, 1.0 / num_codes)  # as the paper
+        if self.ema:
+            self.register_buffer("codebook", init)
+            self.register_buffer("embed_sum", init.clone())
+        else:
+            self.codebook = nn.Parameter(init)
+        self.register_buffer("cluster_size", torch.ones(num_codes, device="cpu"))
+        self.register_buffer("restarts", torch.zeros((), dtype=torch.long, device="cpu"))
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, ema={self.ema}, decay={self.decay}, "
+                f"restart_threshold={self.restart_threshold}")
+
+    def quantize(self, indices: Tensor) -> Tensor:
+        """The code vectors of ``indices (B, *spatial)``: ``(B, D, *spatial)``, on the codebook's device.
+
+        Raises:
+            TypeError/ValueError: for non-integer indices or indices outside ``[0, K)``.
+        """
+        if indices.is_floating_point() or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be integers, got dtype {indices.dtype}")
+        if indices.numel() and value_checks(indices) and (indices.min() < 0 or indices.max() >= self.num_codes):
+            raise ValueError(f"indices must lie in [0, {self.num_codes - 1}]")
+        return self._lookup(indices)
+
+    def _lookup(self, indices: Tensor) -> Tensor:
+        return F.embedding(indices.long().to(self.codebook.device), self.codebook).movedim(-1, 1)
+
+    def forward(self, z_e: Tensor) -> Quantized:
+        """Quantize ``z_e (B, D, *spatial)``; in training mode also update the statistics (and the EMA codes).
+
+        Raises:
+            TypeError/ValueError: for a non-float input or the wrong code dimension.
+        """
+        _check_codes_input(z_e, self.dim)
+        indices = nearest_code(z_e, self.codebook.detach())
+        z_q = self._lookup(indices).to(z_e.dtype)  # (B, D, *spatial); gradient to the codebook if it is a parameter
+        codebook_loss = (z_q - z_e.detach()).square().flatten(1).sum(1)
+        commitment_loss = (z_e - z_q.detach()).square().flatten(1).sum(1)
+        loss = self.beta * commitment_loss + (0.0 if self.ema else codebook_loss)
+        counts = _counts(indices, self.num_codes)
+        perplexity = _perplexity(counts)
+        if self.training:
+            self._update(z_e.detach(), indices, counts)
+        return Quantized(straight_through(z_e, z_q), indices, codebook_loss, commitment_loss, loss, perplexity)
+
+    @torch.no_grad()
+    def _update(self, z_e: Tensor, indices: Tensor, counts: Tensor) -> None:
+        """One training step's update of the counts ``n_k`` (given), the EMA codes and the restarts (see the class)."""
+        flat = z_e.movedim(1, -1).reshape(-1, self.dim).to(self.cluster_size.dtype)  # (N, D)
+        self.cluster_size.mul_(self.decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.decay)
+        if self.ema:
+            sums = torch.zeros_like(self.embed_sum).index_add_(0, indices.flatten(), flat)  # s_k, (K, D)
+            self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            total = self.cluster_size.sum()
+            smoothed = (self.cluster_size + self.eps) / (total + self.num_codes * self.eps) * total
+            self.codebook.copy_(self.embed_sum / smoothed[:, None])
+        if self.restart_threshold is not None:  # without a host round trip: every code gets a candidate
+            dead = self.cluster_size < self.restart_threshold  # (K,)
+            chosen = flat[randint(0, flat.shape[0], (self.num_codes,), device=flat.device)]  # (K, D)
+            self.codebook.data.copy_(torch.where(dead[:, None], chosen.to(self.codebook.dtype), self.codebook.data))
+            self.cluster_size.copy_(torch.where(dead, torch.ones_like(self.cluster_size), self.cluster_size))
+            if self.ema:
+                self.embed_sum.copy_(torch.where(dead[:, None], chosen, self.embed_sum))
+            self.restarts += dead.sum()
+
+    def dead_codes(self, threshold: float = 1e-3) -> int:
+        """How many codes have an EMA count ``N_k`` below ``threshold``: codes that hardly any recent encoder
+        output picked."""
+        return int((self.cluster_size < threshold).sum())
+
+
+# --------------------------------------------------------------------------- the VQ-VAE
+
+
+def _down(channels: int, steps: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for _ in range(steps):
+        layers += [nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.ReLU()]
+    return layers
+
+
+def _up(channels: int, steps: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for _ in range(steps):
+        layers += [nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1), nn.ReLU()]
+    return layers
+
+
+class _Residual(nn.Module):
+    """``x + conv1x1(ReLU(conv3x3(ReLU(x))))``, the residual block of the paper's encoder and decoder (Sec. 4.1)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.block(x)
+
+
+class VQVAE(nn.Module):
+    """A VQ-VAE for grey images of integer levels, with a categorical decoder and an optional prior over codes.
+
+    Encoder: a 3x3 convolution, ``downsample`` stride-2 convolutions (each halves the size), a residual
+    block, and a 1x1 convolution to ``D = code_dim`` channels: ``z_e (B, D, h, w)``. The quantizer maps it to
+    ``z_q`` and the codes ``c (B, h, w)``; the decoder mirrors the encoder (transposed convolutions) and ends
+    in ``K`` logits per pixel: ``p(y | z_q) = prod_i Cat(y_i | softmax(logits_i))``. On the 8x8 digits with
+    ``downsample=1`` the codes form a 4x4 grid.
+
+    * ``training_loss(y)``: ``-log p(y | z_q) + ||sg[z_e] - e||^2 + β ||z_e - sg[e]||^2`` per image (Eq. 3), or
+      the EMA variant's ``-log p(y | z_q) + β ||z_e - sg[e]||^2``; nats plus squared distances.
+    * ``nll(y)``: the bound ``-log p(y | z_q) - log p(c) >= -log P(y)`` in nats per image, with ``p(c)`` the
+      prior over codes once ``fit_prior`` has fitted it (``prior``, a gated PixelCNN over the ``(1, h, w)`` code
+      maps with ``K`` levels; ``prior_fitted`` says so) and the uniform prior (``M log K``) before.
+    * ``sample(n)``: codes from the prior (uniform without one), decoded to images in [0, 1] (the decoder's
+      mean, or a draw).
+
+    Args:
+        event_shape: ``(1, H, W)``. num_levels: ``K_y`` grey levels. num_codes: ``K``. code_dim: ``D``.
+        channels: feature maps of the encoder and the decoder. downsample: stride-2 steps (``H, W`` divisible
+            by ``2^downsample``). beta, ema, decay, restart_threshold: as ``VectorQuantizer``.
+        prior_channels, prior_layers: the gated PixelCNN prior's size (layers default to ``max(h, w) + 1``,
+            enough for every position to see all the earlier ones).
+
+    Raises:
+        ValueError: for a shape that is not ``(1, H, W)`` divisible by ``2^downsample`` or bad sizes.
+    """
+
+    def __init__(self, event_shape: Sequence[int] = (1, 8, 8), num_levels: int = 17, num_codes: int = 64,
+                 code_dim: int = 16, channels: int = 64, downsample: int = 1, beta: float = 0.25, ema: bool = True,
+                 decay: float = 0.99, restart_threshold: float | None = 1.0, prior_channels: int = 64,
+                 prior_layers: int | None = None) -> None:
+        super().__init__()
+        event_shape = tuple(int(s) for s in event_shape)
+        if len(event_shape) != 3 or event_shape[0] != 1 or min(event_shape) < 1:
+            raise ValueError(f"event_shape must be (1, H, W), got {event_shape}")
+        if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 0:
+            raise ValueError(f"downsample must be an integer >= 0, got {downsample!r}")
+        if event_shape[1] % 2 ** downsample or event_shape[2] % 2 ** downsample:
+            raise ValueError(f"H and W must be divisible by 2^downsample = {2 ** downsample}, got {event_shape}")
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+            raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+        _check_positive_int(channels, "channels")
+        self.event_shape, self.num_levels, self.num_codes = event_shape, num_levels, num_codes
+        self.num_dims = math.prod(event_shape)
+        self.code_shape = (event_shape[1] // 2 ** downsample, event_shape[2] // 2 ** downsample)  # (h, w)
+        self.encoder = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), *_down(channels, downsample),
+                                     _Residual(channels), nn.ReLU(), nn.Conv2d(channels, code_dim, 1))
+        self.quantizer = VectorQuantizer(num_codes, code_dim, beta, ema, decay, restart_threshold=restart_threshold)
+        self.decoder = nn.Sequential(nn.Conv2d(code_dim, channels, 3, padding=1), _Residual(channels), nn.ReLU(),
+                                     *_up(channels, downsample), nn.Conv2d(channels, num_levels, 1))
+        h, w = self.code_shape
+        self.prior = GatedPixelCNN((1, h, w), num_levels=num_codes, channels=prior_channels,
+                                   num_layers=prior_layers or max(h, w) + 1, first_kernel=3 if max(h, w) < 5 else 5)
+        self.prior_fitted = False  # saved in the state dict (get_extra_state), read without a device round trip
+
+    def get_extra_state(self) -> dict:
+        """``{"prior_fitted": bool}``, stored in the state dict so that a checkpoint knows which prior ``nll`` uses."""
+        return {"prior_fitted": self.prior_fitted}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore ``prior_fitted`` from a state dict."""
+        self.prior_fitted = bool(state["prior_fitted"])
+
+    @property
+    def num_positions(self) -> int:
+        """``M = h w``, the positions of the code map."""
+        return self.code_shape[0] * self.code_shape[1]
+
+    def _check(self, y: Tensor) -> None:
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if y.dim() != 4 or tuple(y.shape[1:]) != self.event_shape:
+            raise ValueError(f"y must have shape (B, {', '.join(map(str, self.event_shape))}), got {tuple(y.shape)}")
+        check_levels(y, self.num_levels)
+
+    def encode(self, y: Tensor) -> Tensor:
+        """``z_e (B, D, h, w)`` of integer levels ``y (B, 1, H, W)`` (scaled to [-1, 1] inside).
+
+        Raises:
+            TypeError/ValueError: for a wrong shape or invalid levels.
+        """
+        self._check(y)
+        x = y.to(self.encoder[0].weight.dtype) * (2.0 / (self.num_levels - 1)) - 1.0
+        return self.encoder(x)
+
+    def decode_logits(self, z_q: Tensor) -> Tensor:
+        """The decoder's logits ``(B, K_y, H, W)`` for quantized vectors ``z_q (B, D, h, w)``."""
+        return self.decoder(z_q)
+
+    def recon_nll(self, y: Tensor, z_q: Tensor) -> Tensor:
+        """``-log p(y | z_q)`` in nats per image, ``(B,)``."""
+        logits = self.decode_logits(z_q)
+        return F.cross_entropy(logits, y[:, 0].long(), reduction="none").flatten(1).sum(1)
+
+    def codes(self, y: Tensor) -> Tensor:
+        """The code maps ``c (B, h, w)`` int64 of images ``y``: the point mass of ``q(c | y)``."""
+        return nearest_code(self.encode(y), self.quantizer.codebook.detach())
+
+    def training_loss(self, y: Tensor) -> Tensor:
+        """The VQ-VAE objective per image ``(B,)`` (Eq. 3): ``-log p(y|z_q)`` (nats) plus the quantizer's loss."""
+        out = self.quantizer(self.encode(y))
+        return self.recon_nll(y, out.z_q) + out.loss
+
+    def prior_nll(self, codes: Tensor) -> Tensor:
+        """``-log p(c)`` in nats per image ``(B,)`` for code maps ``(B, h, w)``: the fitted prior's exact NLL, or
+        ``M log K`` for the uniform prior."""
+        if not self.prior_fitted:
+            return torch.full((codes.shape[0],), uniform_prior_nll(self.num_positions, self.num_codes),
+                              device=codes.device, dtype=module_dtype(self))
+        return self.prior.nll(codes.unsqueeze(1).to(module_device(self.prior)).float())
+
+    def nll_terms(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(-log p(y | z_q), -log p(c))``, each ``(B,)`` nats, for the codes ``c`` of ``y`` (no update)."""
+        z_e = self.encode(y)
+        indices = nearest_code(z_e, self.quantizer.codebook.detach())
+        return self.recon_nll(y, self.quantizer._lookup(indices).to(z_e.dtype)), self.prior_nll(indices)
+
+    def nll(self, y: Tensor) -> Tensor:
+        """The upper bound ``-log p(y | z_q) - log p(c) >= -log P(y)`` in nats per image ``(B,)``.
+
+        ``q(c | y)`` is a point mass, so ``log q = 0`` and the ELBO is ``log p(y | z_q) + log p(c)``. With the
+        uniform prior the second term is ``M log K``, the constant KL of the slides.
+
+        Raises:
+            TypeError/ValueError: for a wrong shape or invalid levels.
+        """
+        recon, prior = self.nll_terms(y)
+        return recon + prior
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True,
+               temperature: float = 1.0) -> Tensor:
+        """``n`` images in [0, 1], ``(n, 1, H, W)``: codes ``c ~ p(c)`` (the prior, or uniform), then the decoder's
+        mean level (or a draw from ``p(y | z_q)``), divided by ``K_y - 1``.
+
+        Raises:
+            ValueError: for ``n < 1``.
+        """
+        _check_positive_int(n, "n")
+        device = module_device(self)
+        if not self.prior_fitted:
+            codes = randint(0, self.num_codes, (n, *self.code_shape), device=device, generator=generator)
+        else:
+            codes = self.prior.sample(n, temperature=temperature, generator=generator)[:, 0].long().to(device)
+        logits = self.decode_logits(self.quantizer._lookup(codes))  # (n, K_y, H, W)
+        probs = F.softmax(logits, dim=1)
+        if mean:
+            levels = torch.arange(self.num_levels, device=device, dtype=probs.dtype)
+            y = torch.einsum("bkhw,k->bhw", probs, levels)
+        else:
+            flat = probs.movedim(1, -1).reshape(-1, self.num_levels)
+            y = multinomial(flat, 1, generator=generator).view(n, *self.event_shape[1:]).to(probs.dtype)
+        return y.unsqueeze(1) / (self.num_levels - 1)
+
+
+@torch.no_grad()
+def encode_codes(model: VQVAE, y: Tensor, batch_size: int = 1000) -> Tensor:
+    """The code maps of images ``y (N, 1, H, W)`` as a prior's training data: ``(N, 1, h, w)`` float levels in
+    ``{0..K-1}``, on the CPU (computed in batches on the model's device, in evaluation mode)."""
+    was_training = model.training
+    model.eval()
+    device = module_device(model)
+    try:
+        chunks = [model.codes(y[i:i + batch_size].to(device)).cpu() for i in range(0, len(y), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks).unsqueeze(1).float()
+
+
+def fit_prior(model: VQVAE, train: Tensor, val: Tensor | None = None, **fit_kwargs) -> History:
+    """Stage 2 of the VQ-VAE (van den Oord et al. 2017, Sec. 3.1; VQ-VAE-2 Algorithm 2): encode the images to
+    their code maps with the trained encoder (frozen), fit an autoregressive prior to them by maximum likelihood
+    (``dgmlib.train.fit`` on the prior's exact NLL) as ``model.prior``, and mark it fitted: from then on
+    ``model.nll`` and ``model.sample`` use it.
+
+    Args:
+        model: a trained ``VQVAE``. train, val: images ``(N, 1, H, W)`` (levels).
+        fit_kwargs: passed to ``fit`` (epochs, lr, batch_size, time_budget, seed, progress, device).
+
+    Returns:
+        the prior's training ``History`` (its losses are ``-log p(c)`` in nats per code map).
+
+    Raises:
+        ValueError/TypeError: for invalid images (``fit``'s errors for bad settings).
+    """
+    codes_train = encode_codes(model, train)
+    codes_val = encode_codes(model, val) if val is not None else None
+    history = fit(model.prior, codes_train, codes_val, **fit_kwargs)
+    model.prior_fitted = True
+    return history

@@ -1,0 +1,299 @@
+"""dgmlib.vq: the straight-through gradient, the two losses' routing, the EMA step in closed form, the
+constant KL of a point-mass posterior, dead-code restarts, the prior over codes, and the VQ-VAE bound
+against the exact likelihood of a tiny model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dgmlib import data, vq
+from dgmlib.train import fit
+
+
+def _randomise(module: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return module
+
+
+def test_straight_through_has_the_value_of_z_q_and_the_identity_jacobian():
+    z_e = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    z_q = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    out = vq.straight_through(z_e, z_q)
+    torch.testing.assert_close(out, z_q)
+    jac = torch.autograd.functional.jacobian(lambda a: vq.straight_through(a, z_q), z_e)
+    torch.testing.assert_close(jac.reshape(96, 96), torch.eye(96, dtype=torch.float64))
+    out.backward(torch.randn_like(out))
+    assert z_q.grad is None  # nothing flows to the codes through the estimator
+    with pytest.raises(ValueError, match="same shape"):
+        vq.straight_through(z_e, z_q[:1])
+
+
+def test_nearest_code_is_the_brute_force_argmin():
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.randn(7, 3, generator=g)
+    z_e = torch.randn(4, 3, 5, 6, generator=g)
+    indices = vq.nearest_code(z_e, codebook)
+    assert indices.shape == (4, 5, 6) and indices.dtype == torch.long
+    flat = z_e.movedim(1, -1).reshape(-1, 3)
+    brute = torch.stack([((v - codebook) ** 2).sum(1).argmin() for v in flat]).view(4, 5, 6)
+    assert torch.equal(indices, brute)
+    quantizer = vq.VectorQuantizer(7, 3)
+    quantizer.codebook.copy_(codebook)
+    out = quantizer.eval()(z_e)
+    assert torch.equal(out.indices, brute)
+    torch.testing.assert_close(out.z_q, codebook[brute].movedim(-1, 1))
+    assert out.codebook_loss.shape == out.commitment_loss.shape == out.loss.shape == (4,)
+    # one (B, D) vector per example works as well
+    assert vq.nearest_code(flat[:5], codebook).shape == (5,)
+
+
+def test_commitment_loss_trains_the_encoder_and_codebook_loss_the_codebook():
+    torch.manual_seed(0)
+    encoder = nn.Conv2d(1, 4, 3, padding=1)
+    quantizer = vq.VectorQuantizer(8, 4, beta=0.25, ema=False)
+    x = torch.randn(3, 1, 5, 5)
+    out = quantizer(encoder(x))
+    out.codebook_loss.sum().backward()
+    assert encoder.weight.grad is None and quantizer.codebook.grad.abs().sum() > 0
+    quantizer.codebook.grad = None
+    out = quantizer(encoder(x))
+    out.commitment_loss.sum().backward()
+    assert quantizer.codebook.grad is None and encoder.weight.grad.abs().sum() > 0
+    # the total: codebook + beta * commitment, the gradient of the commitment term scaled by beta
+    encoder.weight.grad = None
+    quantizer(encoder(x)).loss.sum().backward()
+    g_total = encoder.weight.grad.clone()
+    encoder.weight.grad = None
+    quantizer(encoder(x)).commitment_loss.sum().backward()
+    torch.testing.assert_close(g_total, 0.25 * encoder.weight.grad)
+    # the decoder's gradient reaches the encoder through z_q (straight through), the codebook not at all
+    encoder.weight.grad, quantizer.codebook.grad = None, None
+    quantizer(encoder(x)).z_q.square().sum().backward()
+    assert encoder.weight.grad.abs().sum() > 0 and quantizer.codebook.grad is None
+
+
+def test_one_ema_step_equals_its_closed_form():
+    """App. A.1 of van den Oord et al. 2017 with Laplace smoothing, written out for K = 3 codes in 2D."""
+    k, gamma, eps = 3, 0.9, 1e-5
+    quantizer = vq.VectorQuantizer(k, 2, decay=gamma, eps=eps).double()
+    e0 = torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]], dtype=torch.float64)
+    quantizer.codebook.copy_(e0)
+    quantizer.embed_sum.copy_(e0)  # one pseudo-observation per code: N = 1, m = e
+    z = torch.tensor([[0.1, -0.2], [0.2, 0.1], [0.9, 1.3], [4.0, 6.0], [1.2, 0.8]], dtype=torch.float64)
+    out = quantizer.train()(z.T.reshape(1, 2, 5))  # (B=1, D=2, 5 positions)
+    assert out.indices.tolist() == [[0, 0, 1, 2, 1]]
+    n = torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)
+    s = torch.stack([z[0] + z[1], z[2] + z[4], z[3]])
+    counts = gamma * 1.0 + (1 - gamma) * n
+    sums = gamma * e0 + (1 - gamma) * s
+    total = counts.sum()
+    smoothed = (counts + eps) / (total + k * eps) * total
+    torch.testing.assert_close(quantizer.cluster_size, counts)
+    torch.testing.assert_close(quantizer.embed_sum, sums)
+    torch.testing.assert_close(quantizer.codebook, sums / smoothed[:, None])
+    # evaluation mode changes nothing
+    state = copy.deepcopy(quantizer.state_dict())
+    quantizer.eval()(z.T.reshape(1, 2, 5))
+    for key, value in quantizer.state_dict().items():
+        torch.testing.assert_close(value, state[key])
+
+
+def test_ema_codes_converge_to_the_means_of_their_clusters():
+    torch.manual_seed(0)
+    centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    points = centres[torch.arange(600) % 3] + 0.1 * torch.randn(600, 2)
+    quantizer = vq.VectorQuantizer(3, 2, decay=0.9).train()
+    quantizer.codebook.copy_(centres + 0.5)
+    quantizer.embed_sum.copy_(centres + 0.5)
+    for _ in range(100):
+        quantizer(points.T.unsqueeze(0))
+    for j in range(3):
+        torch.testing.assert_close(quantizer.codebook[j], points[torch.arange(600) % 3 == j].mean(0), atol=0.02,
+                                   rtol=0)
+
+
+def test_the_kl_of_a_point_mass_to_the_uniform_prior_is_log_k():
+    for k in (2, 5, 64):
+        for code in range(min(k, 3)):
+            q = torch.zeros(k, dtype=torch.float64)
+            q[code] = 1.0
+            p = torch.full((k,), 1.0 / k, dtype=torch.float64)
+            kl = (torch.special.xlogy(q, q) - torch.special.xlogy(q, p)).sum()  # sum_k q log q/p, 0 log 0 = 0
+            torch.testing.assert_close(kl, torch.tensor(math.log(k), dtype=torch.float64))
+    assert vq.uniform_prior_nll(16, 64) == pytest.approx(16 * math.log(64))
+    model = vq.VQVAE(channels=8)
+    y = data.load_digits("test")[:5]
+    recon, prior = model.nll_terms(y)
+    torch.testing.assert_close(prior, torch.full((5,), 16 * math.log(64)))
+    torch.testing.assert_close(model.nll(y), recon + 16 * math.log(64))
+
+
+def test_perplexity_counts_the_codes_in_use():
+    assert vq.codebook_perplexity(torch.zeros(10, dtype=torch.long), 8).item() == pytest.approx(1.0)
+    assert vq.codebook_perplexity(torch.arange(8).repeat(3), 8).item() == pytest.approx(8.0)
+    assert vq.codebook_perplexity(torch.tensor([0, 0, 1, 1]), 8).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match=r"\[0, 7\]"):
+        vq.codebook_perplexity(torch.tensor([0, 8]), 8)
+    with pytest.raises(TypeError):
+        vq.codebook_perplexity(torch.tensor([0.0, 1.0]), 8)
+
+
+def test_restarts_revive_dead_codes():
+    torch.manual_seed(0)
+    quantizer = vq.VectorQuantizer(6, 2, restart_threshold=0.5, decay=0.5).train()
+    far = torch.full((6, 2), 100.0)
+    far[0] = 0.0  # every input picks code 0; codes 1..5 are dead
+    quantizer.codebook.copy_(far)
+    quantizer.embed_sum.copy_(far)
+    z = torch.randn(1, 2, 64)
+    assert vq.nearest_code(z, quantizer.codebook).unique().tolist() == [0]
+    quantizer(z)  # counts of codes 1..5 fall to 0.5: not yet below the threshold
+    assert int(quantizer.restarts) == 0
+    quantizer(z)  # 0.25 < 0.5: the five dead codes restart at encoder outputs of this batch
+    assert int(quantizer.restarts) == 5
+    assert quantizer.dead_codes(threshold=0.5) == 0
+    flat = z[0].T
+    for j in range(1, 6):
+        assert ((flat - quantizer.codebook[j]).abs().sum(1) < 1e-6).any()  # code j is one of the batch's vectors
+    assert len(quantizer(z).indices.unique()) > 1  # the revived codes are used
+    assert quantizer(z).perplexity > 1.5
+
+
+def test_prior_over_codes_sums_to_one():
+    """The gated PixelCNN prior of a VQ-VAE with a 1x2 code map and K = 4 codes: all 16 code maps."""
+    model = vq.VQVAE((1, 2, 4), num_levels=3, num_codes=4, code_dim=2, channels=4, prior_channels=4).double()
+    _randomise(model.prior, seed=1, scale=1.0)
+    model.prior_fitted = True
+    assert model.code_shape == (1, 2)
+    maps = torch.cartesian_prod(torch.arange(4), torch.arange(4)).view(16, 1, 2)
+    log_p = -model.prior_nll(maps)
+    torch.testing.assert_close(torch.logsumexp(log_p, 0), torch.tensor(0.0, dtype=torch.float64))
+    assert log_p.max() - log_p.min() > 0.1  # not the uniform prior
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+def test_the_bound_lies_above_the_exact_nll_of_a_tiny_vqvae(fitted):
+    """2x2 images with 2 levels (16 images), one code position with K = 3 codes. The model's exact marginal is
+    P(y) = sum_c p(c) p(y | e_c); it sums to 1 over the images, and the bound -log p(y|z_q(y)) - log p(c(y))
+    is above -log P(y) for every image (equal only if one code carries all the mass)."""
+    torch.manual_seed(0)
+    model = _randomise(vq.VQVAE((1, 2, 2), num_levels=2, num_codes=3, code_dim=2, channels=4,
+                                prior_channels=4).double(), seed=2, scale=1.0)
+    model.eval()
+    model.prior_fitted = fitted
+    images = torch.cartesian_prod(*[torch.tensor([0.0, 1.0], dtype=torch.float64)] * 4).view(16, 1, 2, 2)
+    codes = torch.arange(3).view(3, 1, 1)
+    log_prior = -model.prior_nll(codes)  # (3,)
+    torch.testing.assert_close(torch.logsumexp(log_prior, 0), torch.tensor(0.0, dtype=torch.float64))
+    z_q = model.quantizer.quantize(codes).to(torch.float64)  # (3, D, 1, 1)
+    log_lik = torch.stack([-model.recon_nll(images, z_q[c:c + 1].expand(16, -1, -1, -1)) for c in range(3)], 1)
+    exact = -torch.logsumexp(log_lik + log_prior, 1)  # (16,) -log P(y)
+    torch.testing.assert_close(torch.logsumexp(-exact, 0), torch.tensor(0.0, dtype=torch.float64))
+    bound = model.nll(images)
+    assert (bound >= exact - 1e-12).all()
+    assert (bound - exact).max() > 1e-3
+    # the bound is the term of the image's own code
+    own = model.codes(images).flatten()
+    torch.testing.assert_close(bound, -(log_lik[torch.arange(16), own] + log_prior[own]))
+
+
+def test_state_dict_round_trips_the_codebook_statistics_and_the_prior_flag():
+    torch.manual_seed(0)
+    model = vq.VQVAE(channels=8, prior_channels=8)
+    y = data.load_digits("train")[:64]
+    model.train()
+    model.training_loss(y)
+    model.prior_fitted = True
+    fresh = vq.VQVAE(channels=8, prior_channels=8)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.prior_fitted
+    for name in ("codebook", "embed_sum", "cluster_size", "restarts"):
+        assert torch.equal(getattr(fresh.quantizer, name), getattr(model.quantizer, name))
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh.nll(y), model.nll(y))
+
+
+def test_training_on_digits_uses_the_codebook_and_the_prior_tightens_the_bound():
+    torch.manual_seed(0)
+    train, val = data.load_digits("train"), data.load_digits("val")
+    model = vq.VQVAE(channels=16, num_codes=16, prior_channels=16)
+    history = fit(model, train, val, loss_fn=model.training_loss, epochs=3, progress=False)
+    assert history.train_loss[-1] < history.train_loss[0]
+    model.eval()
+    codes = model.codes(val)
+    assert vq.codebook_perplexity(codes, 16) > 1.5
+    uniform = model.nll(val).mean()
+    vq.fit_prior(model, train, val, epochs=3, progress=False)
+    assert model.prior_fitted
+    assert model.nll(val).mean() < uniform - 5  # 16 positions x log 16 = 44 nats are the uniform prior's share
+    samples = model.sample(4, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (4, 1, 8, 8) and 0 <= samples.min() and samples.max() <= 1
+    again = model.sample(4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(samples, again)
+    draws = model.sample(4, mean=False, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draws * 16, (draws * 16).round())
+
+
+def test_bad_input_gives_clear_errors():
+    quantizer = vq.VectorQuantizer(4, 3)
+    with pytest.raises(ValueError, match=r"\(B, 3, ...\)"):
+        quantizer(torch.randn(2, 4, 5))
+    with pytest.raises(TypeError, match="floating point"):
+        quantizer(torch.ones(2, 3, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantizer([[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        quantizer.quantize(torch.tensor([[4]]))
+    with pytest.raises(TypeError, match="integers"):
+        quantizer.quantize(torch.tensor([[1.0]]))
+    for kwargs, match in (({"num_codes": 0}, "num_codes"), ({"dim": 2.5}, "dim"), ({"beta": -1.0}, "beta"),
+                          ({"decay": 1.0}, "decay"), ({"eps": 0.0}, "eps"), ({"restart_threshold": -1.0}, "restart")):
+        with pytest.raises(ValueError, match=match):
+            vq.VectorQuantizer(**{"num_codes": 4, "dim": 3, **kwargs})
+    with pytest.raises(ValueError, match="divisible"):
+        vq.VQVAE((1, 6, 6), downsample=2)
+    with pytest.raises(ValueError, match=r"\(1, H, W\)"):
+        vq.VQVAE((3, 8, 8))
+    model = vq.VQVAE(channels=4, prior_channels=4)
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        model.nll(torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError):
+        model.nll(torch.full((2, 1, 8, 8), 17.0))  # levels go up to 16
+    with pytest.raises(ValueError, match="positive"):
+        model.sample(0)
+
+
+def test_cli_trains_a_vqvae_with_its_prior_and_reports_the_bound(tmp_path):
+    import json
+
+    from dgmlib.cli import main
+    from dgmlib.data import load_image_data
+    from dgmlib.models import MODELS
+    from dgmlib.train import load_checkpoint
+
+    out = tmp_path / "vqvae"
+    assert main(["train", "vqvae", "--fast", "--epochs", "2", "--no-progress", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_nll_nats"] == pytest.approx(m["recon_nll_nats"] + m["prior_nll_nats"], rel=1e-5)
+    assert m["uniform_prior_nll_nats"] == pytest.approx(4 * math.log(64))  # a 2x2 code map, 64 codes
+    assert m["uniform_bound_nats"] == pytest.approx(m["recon_nll_nats"] + m["uniform_prior_nll_nats"], rel=1e-5)
+    assert m["nll_method"] == "VQ-VAE bound, PixelCNN prior" and m["prior_epochs_run"] >= 1
+    assert 1 <= m["perplexity"] <= 64 and m["codes_used_train"] + m["dead_codes_train"] == 64
+    for name in ("samples", "reconstructions", "codes", "curves"):
+        assert (out / f"{name}.png").stat().st_size > 0
+    # the checkpoint brings back the fitted prior and the codebook statistics
+    model = MODELS["vqvae"].build(load_image_data("digits"))
+    load_checkpoint(out / "model.pt", model)
+    assert model.prior_fitted and int(model.quantizer.restarts) == m["restarts"]
+    model.eval()
+    with torch.no_grad():
+        nll = model.nll(data.load_digits("test")).mean().item()
+    assert nll == pytest.approx(m["test_nll_nats"], rel=1e-5)
