@@ -786,7 +786,9 @@ class GatedPixelCNNLayer(nn.Module):
         h'  = h + W_o (tanh(a_h,f + V'_f c) ⊙ σ(a_h,g + V'_g c))     (W_o 1x1; no residual in the first layer)
 
     where ``a_·,f`` and ``a_·,g`` are the two halves of the ``2C`` channels and ``V c`` a label embedding
-    (conditional models only). The vertical stack sees a growing block of rows above the pixel, ``k // 2``
+    (conditional models only). With ``cond_channels > 0`` a spatial map ``s (B, cond_channels, H, W)`` enters every
+    gate the same way, through a 1x1 convolution ``V * s`` (Eq. 5: conditioning on an image-sized representation,
+    as VQ-VAE-2's bottom prior is conditioned on the top codes). The vertical stack sees a growing block of rows above the pixel, ``k // 2``
     columns further on each side per layer; the link ``U`` hands it to the horizontal stack at the same
     pixel, which adds the pixels to the left: together every pixel before the current one is reached, so
     there is **no blind spot**. The first layer (``first=True``) hides the centre row from the vertical
@@ -796,11 +798,11 @@ class GatedPixelCNNLayer(nn.Module):
     Shapes: ``v, h (B, C_in, H, W) -> (v', h') (B, C, H, W)``.
 
     Raises:
-        ValueError: for an even kernel or non-positive sizes.
+        ValueError: for an even kernel or non-positive sizes; in ``forward``, for a missing label or map.
     """
 
     def __init__(self, in_channels: int, channels: int, kernel_size: int = 3, first: bool = False,
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, cond_channels: int = 0) -> None:
         super().__init__()
         _check_positive_int(in_channels, "in_channels")
         _check_positive_int(channels, "channels")
@@ -810,6 +812,7 @@ class GatedPixelCNNLayer(nn.Module):
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_out = nn.Conv2d(channels, channels, 1)
         self.embed = nn.Embedding(num_classes, 4 * channels) if num_classes else None
+        self.cond = nn.Conv2d(cond_channels, 4 * channels, 1) if cond_channels else None
         self.residual = not first and in_channels == channels
 
     @staticmethod
@@ -818,8 +821,10 @@ class GatedPixelCNNLayer(nn.Module):
         f, g = a.chunk(2, dim=1)
         return torch.tanh(f) * torch.sigmoid(g)
 
-    def forward(self, v: Tensor, h: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(v, h) -> (v', h')``, each ``(B, C, H, W)``; ``labels (B,)`` for a conditional layer."""
+    def forward(self, v: Tensor, h: Tensor, labels: Tensor | None = None,
+                cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(v, h) -> (v', h')``, each ``(B, C, H, W)``; ``labels (B,)`` for a class-conditional layer, ``cond
+        (B, cond_channels, H, W)`` for a spatially conditioned one."""
         a_v = self.v_conv(v)
         a_h = self.h_conv(h) + self.v_to_h(a_v)
         if self.embed is not None:
@@ -827,6 +832,11 @@ class GatedPixelCNNLayer(nn.Module):
                 raise ValueError("a conditional layer needs labels")
             e_v, e_h = self.embed(labels)[:, :, None, None].chunk(2, dim=1)
             a_v, a_h = a_v + e_v, a_h + e_h
+        if self.cond is not None:
+            if cond is None:
+                raise ValueError("a spatially conditioned layer needs its map cond")
+            s_v, s_h = self.cond(cond).chunk(2, dim=1)
+            a_v, a_h = a_v + s_v, a_h + s_h
         h_new = self.h_out(self.gate(a_h))
         return self.gate(a_v), (h + h_new if self.residual else h_new)
 

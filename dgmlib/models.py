@@ -527,6 +527,60 @@ def _vqvae_figures(model: vq.VQVAE, data: ImageData, seed: int, title: str) -> d
     return figures
 
 
+def _vqvae2_report(model: vq.VQVAE2, data: ImageData, seed: int) -> dict:
+    """The two-level bound -log p(y|e_top, e_bottom) - log p(c_top) - log p(c_bottom|c_top), its three terms, the
+    uniform priors' bound, and each codebook's health."""
+    test = data.test[:MAX_TEST_IMAGES]
+    model.eval()
+    with torch.no_grad():
+        terms = [model.nll_terms(batch) for batch in test.split(250)]
+        codes = [model.codes(batch) for batch in test.split(250)]
+    recon, top, bottom = (torch.cat([t[i] for t in terms]) for i in range(3))
+    c_top, c_bottom = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])
+    nll = recon + top + bottom
+    m_top, m_bottom = model.num_positions
+    uniform = vq.uniform_prior_nll(m_top, model.num_codes) + vq.uniform_prior_nll(m_bottom, model.num_codes)
+    fitted = "a gated PixelCNN p(c_top) and a PixelCNN p(c_bottom | c_top) conditioned on the top codes, fitted to " \
+        "the training images' code maps (stage 2)" if model.prior_fitted else "uniform priors"
+    return {
+        "test_nll_nats": nll.mean().item(), "test_nll_se_nats": (nll.std() / math.sqrt(len(nll))).item(),
+        "nll_method": "VQ-VAE-2 bound, " + ("PixelCNN priors" if model.prior_fitted else "uniform priors"),
+        "likelihood": (f"-log P(y) <= -log p(y | e_top, e_bottom) - log p(c_top) - log p(c_bottom | c_top) on "
+                       f"{len(test)} test images: q is a point mass on both code maps ({model.top_shape[0]}x"
+                       f"{model.top_shape[1]} top, {model.bottom_shape[0]}x{model.bottom_shape[1]} bottom, "
+                       f"{model.num_codes} codes each), the decoder categorical over the levels, the priors {fitted}"),
+        "recon_nll_nats": recon.mean().item(), "prior_nll_nats": (top + bottom).mean().item(),
+        "top_prior_nll_nats": top.mean().item(), "bottom_prior_nll_nats": bottom.mean().item(),
+        "uniform_prior_nll_nats": uniform, "uniform_bound_nats": recon.mean().item() + uniform,
+        "perplexity": vq.codebook_perplexity(c_bottom, model.num_codes).item(),
+        "top_perplexity": vq.codebook_perplexity(c_top, model.num_codes).item(), "num_codes": model.num_codes,
+        "codes_used_test": len(torch.unique(c_bottom)), "top_codes_used_test": len(torch.unique(c_top)),
+        "restarts": int(model.quant_bottom.restarts), "top_restarts": int(model.quant_top.restarts),
+    }
+
+
+def _vqvae2_figures(model: vq.VQVAE2, data: ImageData, seed: int, title: str) -> dict[str, Figure]:
+    """``samples.png`` (top codes from their prior, bottom codes given them, decoded) and ``codes.png``: test images
+    beside their top and bottom code maps."""
+    figures = _image_samples(model, data, seed, title)
+    model.eval()
+    test = data.test[:6]
+    with torch.no_grad():
+        c_top, c_bottom = model.codes(test)
+    fig, axes = plt.subplots(3, len(test), figsize=(1.6 * len(test), 5))
+    for j in range(len(test)):
+        for row, (image, cmap, vmax) in enumerate([(test[j, 0], "gray", model.num_levels - 1),
+                                                   (c_top[j], "tab20", model.num_codes - 1),
+                                                   (c_bottom[j], "tab20", model.num_codes - 1)]):
+            axes[row, j].imshow(image.cpu(), cmap=cmap, vmin=0, vmax=vmax)
+            axes[row, j].set(xticks=[], yticks=[])
+    for row, name in enumerate(["image", f"top codes {model.top_shape}", f"bottom codes {model.bottom_shape}"]):
+        axes[row, 0].set_ylabel(name)
+    fig.suptitle(f"{title}: the two levels of codes of test images")
+    figures["codes"] = fig
+    return figures
+
+
 _VQ_COLUMNS = (
     Column("−log p(y|z_q) (nats)", number("recon_nll_nats")),
     Column("−log p(c) (nats)", number("prior_nll_nats")),
@@ -632,6 +686,20 @@ MODELS: dict[str, ModelSpec] = {
         fast_time_budget=5.0, report=_vqvae_report, figures=_vqvae_figures,
         loss=lambda model: model.training_loss,
         loss_label="-log p(y | z_q) + β ||z_e - sg[e]||² (nats + squared distance)", overrides={"mnist": _MNIST},
+        options={"codebook": Option(("ema", "loss"), "ema", "codes moved by EMA of their encoder outputs, or "
+                                                             "trained by the codebook loss")},
+        after_fit=_vqvae_prior, columns=_VQ_COLUMNS,
+    ),
+    "vqvae2": ModelSpec(
+        description="VQ-VAE-2: a 2x2 top and a 4x4 bottom code map (7x7 and 14x14 on MNIST), 64 codes each (EMA, "
+                    "restarts); then a PixelCNN prior per level, the bottom one conditioned on the top codes (lecture 07)",
+        build=lambda d, codebook="ema": vq.VQVAE2(d.shape, d.num_levels, num_codes=64, code_dim=16,
+                                                  channels=pick(64, 32), ema=codebook == "ema",
+                                                  prior_channels=pick(64, 32)),
+        epochs=1000, fast_epochs=3, lr=1e-3, batch_size=64, time_budget=60.0, fast_time_budget=5.0,
+        report=_vqvae2_report, figures=_vqvae2_figures, loss=lambda model: model.training_loss,
+        loss_label="-log p(y | e_top, e_bottom) + β (both commitments) (nats + squared distances)",
+        overrides={"mnist": _MNIST},
         options={"codebook": Option(("ema", "loss"), "ema", "codes moved by EMA of their encoder outputs, or "
                                                              "trained by the codebook loss")},
         after_fit=_vqvae_prior, columns=_VQ_COLUMNS,

@@ -50,12 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgmlib.autoregressive import GatedPixelCNN
+from dgmlib.autoregressive import AutoregressiveModel, GatedPixelCNN, GatedPixelCNNLayer
 from dgmlib.dequantization import check_levels
-from dgmlib.device import module_device, module_dtype, multinomial, randint, value_checks
+from dgmlib.device import inputs_checked, module_device, module_dtype, multinomial, randint, value_checks
 from dgmlib.train import History, fit
 
-__all__ = ["Quantized", "VectorQuantizer", "VQVAE", "codebook_perplexity", "encode_codes", "fit_prior", "nearest_code",
+__all__ = ["ConditionalPixelCNN", "Quantized", "VectorQuantizer", "VQVAE", "VQVAE2", "codebook_perplexity",
+           "encode_codes", "fit_prior", "nearest_code",
            "straight_through", "uniform_prior_nll"]
 
 
@@ -329,7 +330,43 @@ class _Residual(nn.Module):
         return x + self.block(x)
 
 
-class VQVAE(nn.Module):
+def _mean_levels(logits: Tensor, num_levels: int) -> Tensor:
+    """The expected level ``(B, 1, H, W)`` of the categorical decoder's logits ``(B, K_y, H, W)``."""
+    levels = torch.arange(num_levels, device=logits.device, dtype=logits.dtype)
+    return torch.einsum("bkhw,k->bhw", F.softmax(logits, dim=1), levels).unsqueeze(1)
+
+
+def _draw_levels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Levels ``(B, 1, H, W)`` drawn from the categorical decoder's logits ``(B, K_y, H, W)``."""
+    b, k, h, w = logits.shape
+    flat = F.softmax(logits, dim=1).movedim(1, -1).reshape(-1, k)
+    return multinomial(flat, 1, generator=generator).view(b, 1, h, w).to(logits.dtype)
+
+
+class _PriorFlag:
+    """``prior_fitted`` (whether stage 2 has fitted the prior over codes) kept in the state dict as extra state, so
+    that a checkpoint knows which prior ``nll`` uses, and read without a device round trip."""
+
+    prior_fitted: bool = False
+
+    def get_extra_state(self) -> dict:
+        """``{"prior_fitted": bool}``, saved with the state dict."""
+        return {"prior_fitted": self.prior_fitted}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore ``prior_fitted`` from a state dict."""
+        self.prior_fitted = bool(state["prior_fitted"])
+
+
+def _check_images(y: Tensor, event_shape: tuple[int, ...], num_levels: int) -> None:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if y.dim() != 4 or tuple(y.shape[1:]) != event_shape:
+        raise ValueError(f"y must have shape (B, {', '.join(map(str, event_shape))}), got {tuple(y.shape)}")
+    check_levels(y, num_levels)
+
+
+class VQVAE(_PriorFlag, nn.Module):
     """A VQ-VAE for grey images of integer levels, with a categorical decoder and an optional prior over codes.
 
     Encoder: a 3x3 convolution, ``downsample`` stride-2 convolutions (each halves the size), a residual
@@ -385,25 +422,10 @@ class VQVAE(nn.Module):
                                    num_layers=prior_layers or max(h, w) + 1, first_kernel=3 if max(h, w) < 5 else 5)
         self.prior_fitted = False  # saved in the state dict (get_extra_state), read without a device round trip
 
-    def get_extra_state(self) -> dict:
-        """``{"prior_fitted": bool}``, stored in the state dict so that a checkpoint knows which prior ``nll`` uses."""
-        return {"prior_fitted": self.prior_fitted}
-
-    def set_extra_state(self, state: dict) -> None:
-        """Restore ``prior_fitted`` from a state dict."""
-        self.prior_fitted = bool(state["prior_fitted"])
-
     @property
     def num_positions(self) -> int:
         """``M = h w``, the positions of the code map."""
         return self.code_shape[0] * self.code_shape[1]
-
-    def _check(self, y: Tensor) -> None:
-        if not isinstance(y, Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-        if y.dim() != 4 or tuple(y.shape[1:]) != self.event_shape:
-            raise ValueError(f"y must have shape (B, {', '.join(map(str, self.event_shape))}), got {tuple(y.shape)}")
-        check_levels(y, self.num_levels)
 
     def encode(self, y: Tensor) -> Tensor:
         """``z_e (B, D, h, w)`` of integer levels ``y (B, 1, H, W)`` (scaled to [-1, 1] inside).
@@ -411,7 +433,7 @@ class VQVAE(nn.Module):
         Raises:
             TypeError/ValueError: for a wrong shape or invalid levels.
         """
-        self._check(y)
+        _check_images(y, self.event_shape, self.num_levels)
         x = y.to(self.encoder[0].weight.dtype) * (2.0 / (self.num_levels - 1)) - 1.0
         return self.encoder(x)
 
@@ -475,48 +497,292 @@ class VQVAE(nn.Module):
         else:
             codes = self.prior.sample(n, temperature=temperature, generator=generator)[:, 0].long().to(device)
         logits = self.decode_logits(self.quantizer._lookup(codes))  # (n, K_y, H, W)
-        probs = F.softmax(logits, dim=1)
-        if mean:
-            levels = torch.arange(self.num_levels, device=device, dtype=probs.dtype)
-            y = torch.einsum("bkhw,k->bhw", probs, levels)
+        y = _mean_levels(logits, self.num_levels) if mean else _draw_levels(logits, generator)
+        return y / (self.num_levels - 1)
+
+
+class ConditionalPixelCNN(AutoregressiveModel):
+    """A gated PixelCNN over code maps ``(1, h, w)`` conditioned on a coarser code map ``(h_c, w_c)``: VQ-VAE-2's
+    bottom prior ``p(c_bottom | c_top)`` (Razavi et al. 2019, Algorithm 2, line 9).
+
+    The conditioning codes are embedded (``K_c -> channels``), repeated to ``(h, w)`` (nearest neighbour, each top
+    code covering its block of bottom positions) and enter every gate of every layer through a 1x1 convolution:
+    the spatial conditioning of van den Oord et al. 2016b, Eq. 5. The conditioning map does not depend on the
+    codes being modelled, so causality and the exact chain-rule likelihood are untouched.
+
+    Args:
+        event_shape: ``(1, h, w)``. num_levels: ``K`` codes. cond_levels: ``K_c``. cond_shape: ``(h_c, w_c)``,
+            dividing ``(h, w)``. channels, num_layers, first_kernel: as ``GatedPixelCNN`` (layers default to
+            ``max(h, w) + 1``).
+
+    Raises:
+        ValueError: for shapes that do not divide, or bad sizes; in ``log_prob`` and ``sample``, for a
+            conditioning map of the wrong shape or codes outside ``[0, K_c)``.
+    """
+
+    def __init__(self, event_shape: Sequence[int], num_levels: int, cond_levels: int, cond_shape: Sequence[int],
+                 channels: int = 64, num_layers: int | None = None, first_kernel: int = 3) -> None:
+        super().__init__(event_shape, num_levels)
+        _check_positive_int(cond_levels, "cond_levels")
+        h, w = self.event_shape[1:]
+        cond_shape = tuple(int(c) for c in cond_shape)
+        if self.event_shape[0] != 1 or len(cond_shape) != 2 or min(cond_shape) < 1 or h % cond_shape[0] \
+                or w % cond_shape[1]:
+            raise ValueError(f"cond_shape must divide the code map (h, w) = {(h, w)}, got {cond_shape}")
+        self.cond_levels, self.cond_shape = cond_levels, cond_shape
+        num_layers = num_layers or max(h, w) + 1
+        self.embed = nn.Embedding(cond_levels, channels)
+        self.layers = nn.ModuleList(
+            [GatedPixelCNNLayer(1, channels, first_kernel, first=True, cond_channels=channels)]
+            + [GatedPixelCNNLayer(channels, channels, 3, cond_channels=channels) for _ in range(num_layers - 1)])
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
+                                  nn.Conv2d(channels, self.params_per_pixel, 1))
+
+    def _check_cond(self, cond: Tensor, batch: int) -> Tensor:
+        if not isinstance(cond, Tensor) or cond.is_floating_point() or cond.dtype == torch.bool:
+            raise TypeError("cond must be a tensor of integer codes")
+        if tuple(cond.shape) != (batch, *self.cond_shape):
+            raise ValueError(f"cond must have shape ({batch}, {self.cond_shape[0]}, {self.cond_shape[1]}), "
+                             f"got {tuple(cond.shape)}")
+        if value_checks(cond) and cond.numel() and (cond.min() < 0 or cond.max() >= self.cond_levels):
+            raise ValueError(f"cond must hold codes in [0, {self.cond_levels - 1}]")
+        return cond.long().to(module_device(self))
+
+    def _net(self, x: Tensor, labels: Tensor | None, cond: Tensor | None = None) -> Tensor:
+        s = F.interpolate(self.embed(cond).movedim(-1, 1), size=self.event_shape[1:], mode="nearest")  # (B, C, h, w)
+        v = h = x
+        for layer in self.layers:
+            v, h = layer(v, h, None, s)
+        return self.head(h).unsqueeze(2)  # (B, K, 1, h, w)
+
+    def forward(self, y: Tensor, cond: Tensor) -> Tensor:  # type: ignore[override]
+        """The ``K`` logits of every position, ``(B, K, 1, h, w)``, given ``cond (B, h_c, w_c)``."""
+        self._check_forward(y, None)
+        return self._net_levels(y, None, cond=self._check_cond(cond, y.shape[0]))
+
+    def log_prob(self, y: Tensor, cond: Tensor) -> Tensor:  # type: ignore[override]
+        """Exact ``log p(y | cond)`` in nats per code map, ``(B,)``, for codes ``y (B, 1, h, w)``."""
+        self._check_input(y)
+        check_levels(y, self.num_levels)
+        cond = self._check_cond(cond, y.shape[0])
+        y = y.to(module_dtype(self))
+        with inputs_checked():
+            return self._pixel_log_prob(self._net_levels(y, None, cond=cond), y).flatten(1).sum(1)
+
+    def nll(self, y: Tensor, cond: Tensor) -> Tensor:  # type: ignore[override]
+        """``-log p(y | cond)`` in nats per code map, ``(B,)``."""
+        return -self.log_prob(y, cond)
+
+    @torch.no_grad()
+    def sample(self, cond: Tensor, temperature: float = 1.0,  # type: ignore[override]
+               generator: torch.Generator | None = None) -> Tensor:
+        """One code map ``(B, 1, h, w)`` (float levels) per conditioning map ``cond (B, h_c, w_c)``, in raster order."""
+        self._check_temperature(temperature)
+        cond = self._check_cond(cond, cond.shape[0] if isinstance(cond, Tensor) else 0)
+        return self._sample_with(cond.shape[0], float(temperature), None, generator, cond=cond)
+
+
+class _JointCodePrior(nn.Module):
+    """``p(c_top) p(c_bottom | c_top)`` of a ``VQVAE2`` as one module that ``fit`` can train: its data are the two
+    code maps of each image flattened side by side, ``(N, 1, M_top + M_bottom)``."""
+
+    def __init__(self, model: VQVAE2) -> None:
+        super().__init__()
+        self.top, self.bottom = model.prior_top, model.prior_bottom
+        self.num_levels, self.split = model.num_codes, model.num_positions[0]
+        self.top_shape, self.bottom_shape = model.top_shape, model.bottom_shape
+
+    def nll(self, packed: Tensor) -> Tensor:
+        flat = packed.flatten(1)
+        top = flat[:, :self.split].reshape(-1, 1, *self.top_shape)
+        bottom = flat[:, self.split:].reshape(-1, 1, *self.bottom_shape)
+        return self.top.nll(top) + self.bottom.nll(bottom, top[:, 0].long())
+
+
+class VQVAE2(_PriorFlag, nn.Module):
+    """VQ-VAE-2 for grey images: two levels of codes, a coarse top map and a finer bottom map (Razavi et al. 2019).
+
+    Algorithm 1 (stage 1), with ``x`` the image scaled to [-1, 1]: bottom features ``f = E_b(x)`` at ``H/2``;
+    ``h_top = E_t(f)`` at ``H/4``, quantized to ``e_top`` (codes ``c_top``); ``h_bottom`` from ``f`` and the
+    top's decoding ``D_t(e_top)``, quantized to ``e_bottom`` (codes ``c_bottom``); the decoder sees ``e_bottom``
+    and the upsampled ``e_top`` and outputs ``K_y`` logits per pixel. The loss is ``-log p(y | e_top, e_bottom)``
+    plus both quantizers' losses. Algorithm 2 (stage 2, ``fit_prior``): a gated PixelCNN ``p(c_top)`` and a
+    ``ConditionalPixelCNN`` ``p(c_bottom | c_top)``. Sampling draws ``c_top``, then ``c_bottom`` given it, then
+    decodes. The bound, with the posterior a point mass on both code maps:
+
+        -log P(y) <= -log p(y | e_top, e_bottom) - log p(c_top) - log p(c_bottom | c_top),
+
+    in nats per image (uniform priors before stage 2: ``M_top log K + M_bottom log K``).
+
+    Args:
+        event_shape: ``(1, H, W)``, ``H`` and ``W`` divisible by 4. num_levels: ``K_y``. num_codes: ``K`` of both
+            codebooks. code_dim, channels, beta, ema, decay, restart_threshold, prior_channels: as ``VQVAE``.
+
+    Raises:
+        ValueError: for a shape that is not ``(1, H, W)`` divisible by 4, or bad sizes.
+    """
+
+    def __init__(self, event_shape: Sequence[int] = (1, 8, 8), num_levels: int = 17, num_codes: int = 64,
+                 code_dim: int = 16, channels: int = 64, beta: float = 0.25, ema: bool = True, decay: float = 0.99,
+                 restart_threshold: float | None = 1.0, prior_channels: int = 64) -> None:
+        super().__init__()
+        event_shape = tuple(int(s) for s in event_shape)
+        if len(event_shape) != 3 or event_shape[0] != 1 or min(event_shape) < 1 or event_shape[1] % 4 \
+                or event_shape[2] % 4:
+            raise ValueError(f"event_shape must be (1, H, W) with H and W divisible by 4, got {event_shape}")
+        if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+            raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+        _check_positive_int(channels, "channels")
+        h, w = event_shape[1:]
+        self.event_shape, self.num_levels, self.num_codes = event_shape, num_levels, num_codes
+        self.num_dims = math.prod(event_shape)
+        self.bottom_shape, self.top_shape = (h // 2, w // 2), (h // 4, w // 4)
+        c, d = channels, code_dim
+        self.enc_bottom = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), *_down(c, 1), _Residual(c))
+        self.enc_top = nn.Sequential(*_down(c, 1), _Residual(c), nn.ReLU(), nn.Conv2d(c, d, 1))
+        self.dec_top = nn.Sequential(nn.Conv2d(d, c, 3, padding=1), _Residual(c), nn.ReLU(), *_up(c, 1))
+        self.pre_bottom = nn.Conv2d(2 * c, d, 1)
+        self.quant_top = VectorQuantizer(num_codes, d, beta, ema, decay, restart_threshold=restart_threshold)
+        self.quant_bottom = VectorQuantizer(num_codes, d, beta, ema, decay, restart_threshold=restart_threshold)
+        self.up_top = nn.ConvTranspose2d(d, d, 4, stride=2, padding=1)
+        self.decoder = nn.Sequential(nn.Conv2d(2 * d, c, 3, padding=1), _Residual(c), nn.ReLU(), *_up(c, 1),
+                                     nn.Conv2d(c, num_levels, 1))
+        self.prior_top = GatedPixelCNN((1, *self.top_shape), num_levels=num_codes, channels=prior_channels,
+                                       num_layers=max(self.top_shape) + 1, first_kernel=3)
+        self.prior_bottom = ConditionalPixelCNN((1, *self.bottom_shape), num_codes, num_codes, self.top_shape,
+                                                channels=prior_channels)
+        self.prior_fitted = False
+
+    @property
+    def num_positions(self) -> tuple[int, int]:
+        """``(M_top, M_bottom)``, the positions of the two code maps."""
+        return self.top_shape[0] * self.top_shape[1], self.bottom_shape[0] * self.bottom_shape[1]
+
+    def _features(self, y: Tensor) -> Tensor:
+        _check_images(y, self.event_shape, self.num_levels)
+        x = y.to(self.enc_bottom[0].weight.dtype) * (2.0 / (self.num_levels - 1)) - 1.0
+        return self.enc_bottom(x)  # (B, C, H/2, W/2)
+
+    def _bottom_input(self, f: Tensor, z_top: Tensor) -> Tensor:
+        return self.pre_bottom(torch.cat([f, self.dec_top(z_top)], dim=1))  # (B, D, H/2, W/2)
+
+    def decode_logits(self, z_top: Tensor, z_bottom: Tensor) -> Tensor:
+        """``K_y`` logits per pixel ``(B, K_y, H, W)`` from the quantized maps of both levels."""
+        return self.decoder(torch.cat([z_bottom, self.up_top(z_top)], dim=1))
+
+    def training_loss(self, y: Tensor) -> Tensor:
+        """Algorithm 1's loss per image ``(B,)``: ``-log p(y | e_top, e_bottom)`` (nats) plus both quantizers' losses."""
+        f = self._features(y)
+        top = self.quant_top(self.enc_top(f))
+        bottom = self.quant_bottom(self._bottom_input(f, top.z_q))
+        logits = self.decode_logits(top.z_q, bottom.z_q)
+        recon = F.cross_entropy(logits, y[:, 0].long(), reduction="none").flatten(1).sum(1)
+        return recon + top.loss + bottom.loss
+
+    def codes(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(c_top (B, H/4, W/4), c_bottom (B, H/2, W/2))``, int64: the point mass of ``q(c | y)`` (no update)."""
+        f = self._features(y)
+        z = self.enc_top(f)
+        c_top = nearest_code(z, self.quant_top.codebook.detach())
+        z_bottom = self._bottom_input(f, self.quant_top._lookup(c_top).to(z.dtype))
+        return c_top, nearest_code(z_bottom, self.quant_bottom.codebook.detach())
+
+    def _decode_codes(self, c_top: Tensor, c_bottom: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.decode_logits(self.quant_top._lookup(c_top).to(dtype), self.quant_bottom._lookup(c_bottom).to(dtype))
+
+    def prior_nll(self, c_top: Tensor, c_bottom: Tensor) -> tuple[Tensor, Tensor]:
+        """``(-log p(c_top), -log p(c_bottom | c_top))`` in nats per image, each ``(B,)``: the fitted priors' exact
+        NLLs, or the uniform priors' ``M log K``."""
+        if not self.prior_fitted:
+            dtype = module_dtype(self)
+            m_top, m_bottom = self.num_positions
+            return (torch.full((c_top.shape[0],), uniform_prior_nll(m_top, self.num_codes), device=c_top.device,
+                               dtype=dtype),
+                    torch.full((c_top.shape[0],), uniform_prior_nll(m_bottom, self.num_codes), device=c_top.device,
+                               dtype=dtype))
+        device = module_device(self)
+        top = self.prior_top.nll(c_top.unsqueeze(1).to(device).float())
+        return top, self.prior_bottom.nll(c_bottom.unsqueeze(1).to(device).float(), c_top.to(device))
+
+    def nll_terms(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(-log p(y | e_top, e_bottom), -log p(c_top), -log p(c_bottom | c_top))``, each ``(B,)`` nats."""
+        c_top, c_bottom = self.codes(y)
+        logits = self._decode_codes(c_top, c_bottom, module_dtype(self))
+        recon = F.cross_entropy(logits, y[:, 0].long(), reduction="none").flatten(1).sum(1)
+        return (recon, *self.prior_nll(c_top, c_bottom))
+
+    def nll(self, y: Tensor) -> Tensor:
+        """The bound ``-log p(y | e_top, e_bottom) - log p(c_top) - log p(c_bottom | c_top) >= -log P(y)``, nats
+        per image ``(B,)``.
+
+        Raises:
+            TypeError/ValueError: for a wrong shape or invalid levels.
+        """
+        return sum(self.nll_terms(y))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, mean: bool = True,
+               temperature: float = 1.0) -> Tensor:
+        """``n`` images in [0, 1], ``(n, 1, H, W)``: ``c_top ~ p(c_top)``, ``c_bottom ~ p(c_bottom | c_top)`` (uniform
+        before stage 2), decoded to the mean level (or a draw), divided by ``K_y - 1``.
+
+        Raises:
+            ValueError: for ``n < 1``.
+        """
+        _check_positive_int(n, "n")
+        device = module_device(self)
+        if self.prior_fitted:
+            c_top = self.prior_top.sample(n, temperature=temperature, generator=generator)[:, 0].long().to(device)
+            c_bottom = self.prior_bottom.sample(c_top, temperature=temperature, generator=generator)[:, 0].long()
         else:
-            flat = probs.movedim(1, -1).reshape(-1, self.num_levels)
-            y = multinomial(flat, 1, generator=generator).view(n, *self.event_shape[1:]).to(probs.dtype)
-        return y.unsqueeze(1) / (self.num_levels - 1)
+            c_top = randint(0, self.num_codes, (n, *self.top_shape), device=device, generator=generator)
+            c_bottom = randint(0, self.num_codes, (n, *self.bottom_shape), device=device, generator=generator)
+        logits = self._decode_codes(c_top, c_bottom.to(device), module_dtype(self))
+        y = _mean_levels(logits, self.num_levels) if mean else _draw_levels(logits, generator)
+        return y / (self.num_levels - 1)
 
 
 @torch.no_grad()
-def encode_codes(model: VQVAE, y: Tensor, batch_size: int = 1000) -> Tensor:
-    """The code maps of images ``y (N, 1, H, W)`` as a prior's training data: ``(N, 1, h, w)`` float levels in
-    ``{0..K-1}``, on the CPU (computed in batches on the model's device, in evaluation mode)."""
+def encode_codes(model: VQVAE | VQVAE2, y: Tensor, batch_size: int = 1000) -> Tensor:
+    """The code maps of images ``y (N, 1, H, W)`` as the prior's training data, float levels on the CPU (computed in
+    batches on the model's device, in evaluation mode): ``(N, 1, h, w)`` for a ``VQVAE``; for a ``VQVAE2``, the top
+    and the bottom map of each image flattened side by side, ``(N, 1, M_top + M_bottom)``."""
     was_training = model.training
     model.eval()
     device = module_device(model)
+    chunks = []
     try:
-        chunks = [model.codes(y[i:i + batch_size].to(device)).cpu() for i in range(0, len(y), batch_size)]
+        for i in range(0, len(y), batch_size):
+            codes = model.codes(y[i:i + batch_size].to(device))
+            if isinstance(codes, tuple):
+                codes = torch.cat([c.flatten(1) for c in codes], dim=1)  # (B, M_top + M_bottom)
+            chunks.append(codes.cpu())
     finally:
         model.train(was_training)
     return torch.cat(chunks).unsqueeze(1).float()
 
 
-def fit_prior(model: VQVAE, train: Tensor, val: Tensor | None = None, **fit_kwargs) -> History:
-    """Stage 2 of the VQ-VAE (van den Oord et al. 2017, Sec. 3.1; VQ-VAE-2 Algorithm 2): encode the images to
-    their code maps with the trained encoder (frozen), fit an autoregressive prior to them by maximum likelihood
-    (``dgmlib.train.fit`` on the prior's exact NLL) as ``model.prior``, and mark it fitted: from then on
-    ``model.nll`` and ``model.sample`` use it.
+def fit_prior(model: VQVAE | VQVAE2, train: Tensor, val: Tensor | None = None, **fit_kwargs) -> History:
+    """Stage 2 (van den Oord et al. 2017, Sec. 3.1; Razavi et al. 2019, Algorithm 2): encode the images to their code
+    maps with the trained encoder (frozen) and fit the model's prior to them by maximum likelihood
+    (``dgmlib.train.fit`` on the exact NLL): ``model.prior`` for a ``VQVAE``; for a ``VQVAE2`` the top prior and the
+    bottom prior conditioned on the top codes, trained together on ``-log p(c_top) - log p(c_bottom | c_top)``
+    (their parameters are disjoint, so this is training each on its own term). Marks the prior fitted: from then
+    on ``model.nll`` and ``model.sample`` use it.
 
     Args:
-        model: a trained ``VQVAE``. train, val: images ``(N, 1, H, W)`` (levels).
+        model: a trained ``VQVAE`` or ``VQVAE2``. train, val: images ``(N, 1, H, W)`` (levels).
         fit_kwargs: passed to ``fit`` (epochs, lr, batch_size, time_budget, seed, progress, device).
 
     Returns:
-        the prior's training ``History`` (its losses are ``-log p(c)`` in nats per code map).
+        the prior's training ``History`` (its losses are ``-log p(c)`` in nats per image).
 
     Raises:
         ValueError/TypeError: for invalid images (``fit``'s errors for bad settings).
     """
+    prior = _JointCodePrior(model) if isinstance(model, VQVAE2) else model.prior
     codes_train = encode_codes(model, train)
     codes_val = encode_codes(model, val) if val is not None else None
-    history = fit(model.prior, codes_train, codes_val, **fit_kwargs)
+    history = fit(prior, codes_train, codes_val, **fit_kwargs)
     model.prior_fitted = True
     return history

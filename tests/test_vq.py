@@ -297,3 +297,97 @@ def test_cli_trains_a_vqvae_with_its_prior_and_reports_the_bound(tmp_path):
     with torch.no_grad():
         nll = model.nll(data.load_digits("test")).mean().item()
     assert nll == pytest.approx(m["test_nll_nats"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- VQ-VAE-2
+
+
+def _tiny_vqvae2(seed: int) -> vq.VQVAE2:
+    """4x4 images with 2 levels; a 1x1 top and a 2x2 bottom code map with K = 2 codes: 2 x 16 code pairs."""
+    torch.manual_seed(seed)
+    model = vq.VQVAE2((1, 4, 4), num_levels=2, num_codes=2, code_dim=2, channels=4, prior_channels=4).double()
+    return _randomise(model, seed=seed, scale=1.0).eval()
+
+
+def _all_code_pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = torch.cartesian_prod(*[torch.arange(2)] * 5)  # (32, 5): the top code, then the 4 bottom codes
+    return pairs[:, :1].view(32, 1, 1), pairs[:, 1:].view(32, 2, 2)
+
+
+def test_conditional_pixelcnn_is_causal_normalised_and_conditioned():
+    prior = _randomise(vq.ConditionalPixelCNN((1, 4, 4), 3, cond_levels=5, cond_shape=(2, 2), channels=4),
+                       seed=3, scale=0.7).double()
+    cond = torch.tensor([[[0, 4], [2, 1]]])
+    y = torch.tensor([[[[0.0, 1, 2, 0], [1, 1, 0, 2], [2, 0, 1, 1], [0, 2, 2, 1]]]], dtype=torch.float64)
+    jac = torch.func.jacrev(lambda v: prior(v.view(1, 1, 4, 4), cond).sum(1).flatten())(y.flatten())  # (16, 16)
+    assert torch.equal(jac.abs() > 0, (jac.abs() > 0) & torch.ones(16, 16, dtype=torch.bool).tril(-1))
+    assert (jac.abs() > 0).sum() > 30  # and it does look at earlier positions
+    maps = torch.cartesian_prod(*[torch.arange(3.0, dtype=torch.float64)] * 4).view(81, 1, 2, 2)
+    small = _randomise(vq.ConditionalPixelCNN((1, 2, 2), 3, cond_levels=4, cond_shape=(1, 1), channels=4),
+                       seed=4, scale=1.0).double()
+    for c in range(4):
+        log_p = small.log_prob(maps, torch.full((81, 1, 1), c))
+        torch.testing.assert_close(torch.logsumexp(log_p, 0), torch.tensor(0.0, dtype=torch.float64))
+    other = small.log_prob(maps, torch.full((81, 1, 1), 0)) - small.log_prob(maps, torch.full((81, 1, 1), 3))
+    assert other.abs().max() > 1e-3  # the conditioning changes the distribution
+    samples = small.sample(torch.tensor([[[1]], [[2]]]), generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (2, 1, 2, 2) and torch.equal(samples, samples.round())
+    with pytest.raises(ValueError, match="cond must have shape"):
+        small.log_prob(maps[:2], torch.zeros(2, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        small.log_prob(maps[:1], torch.full((1, 1, 1), 4))
+    with pytest.raises(ValueError, match="divide"):
+        vq.ConditionalPixelCNN((1, 4, 4), 3, cond_levels=2, cond_shape=(3, 3))
+
+
+def test_vqvae2_priors_sum_to_one_over_every_pair_of_code_maps():
+    model = _tiny_vqvae2(5)
+    model.prior_fitted = True
+    c_top, c_bottom = _all_code_pairs()
+    top, bottom = model.prior_nll(c_top, c_bottom)
+    torch.testing.assert_close(torch.logsumexp(-(top + bottom), 0), torch.tensor(0.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+def test_vqvae2_bound_lies_above_the_exact_nll(fitted):
+    """The exact -log P(y) = -log sum over all 32 code pairs of p(c_top) p(c_bottom | c_top) p(y | e_top, e_bottom),
+    against the bound with the image's own codes, for 40 random 4x4 binary images."""
+    model = _tiny_vqvae2(6)
+    model.prior_fitted = fitted
+    c_top, c_bottom = _all_code_pairs()
+    log_prior = -sum(model.prior_nll(c_top, c_bottom))  # (32,)
+    logits = model._decode_codes(c_top, c_bottom, torch.float64)  # (32, 2, 4, 4)
+    images = torch.randint(0, 2, (40, 1, 4, 4), generator=torch.Generator().manual_seed(0)).double()
+    log_lik = torch.stack([-torch.nn.functional.cross_entropy(logits[j].expand(40, -1, -1, -1),
+                                                              images[:, 0].long(), reduction="none").sum((1, 2))
+                           for j in range(32)], 1)  # (40, 32)
+    exact = -torch.logsumexp(log_lik + log_prior, 1)
+    bound = model.nll(images)
+    assert (bound >= exact - 1e-10).all() and (bound - exact).max() > 1e-3
+    recon, top, bottom = model.nll_terms(images)
+    torch.testing.assert_close(bound, recon + top + bottom)
+    if not fitted:
+        torch.testing.assert_close(top + bottom, torch.full((40,), 5 * math.log(2), dtype=torch.float64))
+
+
+def test_vqvae2_trains_its_two_levels_and_their_priors():
+    torch.manual_seed(0)
+    train, val = data.load_digits("train"), data.load_digits("val")
+    model = vq.VQVAE2(channels=16, num_codes=16, prior_channels=16)
+    assert model.top_shape == (2, 2) and model.bottom_shape == (4, 4)
+    history = fit(model, train, val, loss_fn=model.training_loss, epochs=2, progress=False)
+    assert history.train_loss[-1] < history.train_loss[0]
+    model.eval()
+    uniform = model.nll(val).mean()
+    vq.fit_prior(model, train, val, epochs=2, progress=False)
+    assert model.prior_fitted and model.nll(val).mean() < uniform
+    samples = model.sample(3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(samples, model.sample(3, generator=torch.Generator().manual_seed(1)))
+    assert samples.shape == (3, 1, 8, 8)
+    fresh = vq.VQVAE2(channels=16, num_codes=16, prior_channels=16)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    assert fresh.prior_fitted
+    torch.testing.assert_close(fresh.nll(val[:10]), model.nll(val[:10]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        vq.VQVAE2((1, 6, 6))
