@@ -163,8 +163,8 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     if epochs is not None:
         settings["epochs"] = epochs
     loss_fn = spec.loss(model) if spec.loss is not None else None
-    history = fit(model, data.train, data.val, loss_fn=loss_fn, seed=seed, progress=progress, device=device,
-                  **settings)
+    history = fit(model, data.train, data.val if spec.validate else None, loss_fn=loss_fn, seed=seed,
+                  progress=progress, device=device, **settings)
     stage = spec.after_fit(model, data, {"seed": seed, "progress": progress, "device": device}) \
         if spec.after_fit is not None else {}
     model.to(device)
@@ -181,7 +181,8 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
         "options": options,
         **options,
         **likelihood,
-        ("val_loss" if spec.loss is not None else "val_nll_nats"): min(history.val_loss),
+        **({("val_loss" if spec.loss is not None else "val_nll_nats"): min(history.val_loss)}
+           if history.val_loss else {}),
         **report,
         **stage,
         "num_levels": data.num_levels,

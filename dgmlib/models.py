@@ -96,6 +96,9 @@ class ModelSpec:
         overrides: training settings by dataset kind (``"toy2d"``, ``"mnist"``), each a ``(full, fast)``
             pair, e.g. ``{"mnist": {"batch_size": (128, 64)}}``.
         columns: the model's own columns in ``dgm results --details`` (metrics of ``report``).
+        betas: Adam's betas for ``fit`` (a GAN's are ``(0.5, 0.999)``).
+        validate: whether ``fit`` keeps the weights of the best validation epoch; False for a GAN, whose
+            losses say nothing about its samples (the last weights are kept).
         after_fit: ``(model, data, settings) -> dict``, a second training stage run after ``fit`` and before
             ``report`` (the VQ-VAE's prior over its codes); ``settings`` holds ``fit``'s ``seed``, ``progress``
             and ``device``, and the returned metrics go into ``metrics.json``.
@@ -119,6 +122,8 @@ class ModelSpec:
     overrides: dict[str, dict[str, tuple]] = field(default_factory=dict)
     columns: tuple[Column, ...] = ()
     after_fit: Callable[[nn.Module, Data, dict], dict] | None = None
+    betas: tuple[float, float] = (0.9, 0.999)
+    validate: bool = True
 
     def resolve_options(self, options: dict[str, str]) -> dict[str, str]:
         """Check options such as ``{"prior": "flow"}`` and fill in the defaults of the others.
@@ -142,7 +147,7 @@ class ModelSpec:
         """Keyword arguments for ``dgmlib.train.fit`` on data of ``kind`` (``"digits"``, ``"mnist"``,
         ``"toy2d"``), honouring fast mode and ``overrides``."""
         settings = {"epochs": pick(self.epochs, self.fast_epochs), "lr": self.lr, "batch_size": self.batch_size,
-                    "time_budget": pick(self.time_budget, self.fast_time_budget)}
+                    "time_budget": pick(self.time_budget, self.fast_time_budget), "betas": self.betas}
         settings.update({k: pick(*v) for k, v in self.overrides.get(kind, {}).items()})
         return settings
 
@@ -581,8 +586,39 @@ def _vqvae2_figures(model: vq.VQVAE2, data: ImageData, seed: int, title: str) ->
     return figures
 
 
+def _fqgan_report(model: vq.GAN, data: ImageData, seed: int) -> dict:
+    """The Fréchet distance of 447 samples to the training digits (features of ``vq.digit_classifier``) beside its
+    floor, the held-out test digits' distance; the classifier's accuracy; for FQ-GAN, the usage of the
+    discriminator's feature codes on real images. No likelihood: a GAN has none."""
+    metrics: dict = {"nll_method": "none (a GAN has no likelihood)",
+                     "likelihood": "none: a GAN defines no density; its samples are compared by the Fréchet distance"}
+    if tuple(data.shape) == (1, 8, 8):
+        samples = model.sample(len(data.test), generator=torch.Generator().manual_seed(seed))
+        metrics.update(frechet_distance=vq.frechet_digit_distance(samples),
+                       frechet_floor=vq.frechet_digit_distance(load_digits("test") / 16.0),
+                       classifier_accuracy=vq.classifier_accuracy(), frechet_samples=len(samples))
+        metrics["likelihood"] += (f" on the 64-d features of a digit classifier trained by dgmlib.vq.digit_classifier "
+                                  f"(test accuracy {metrics['classifier_accuracy']:.3f}); the floor is the held-out "
+                                  "test digits' distance to the same training digits")
+    quantizer = model.discriminator.quantizer
+    if quantizer is not None:
+        model.eval()
+        with torch.no_grad():
+            real = data.test[:MAX_TEST_IMAGES].to(model.generator.linear.weight.dtype) * (2.0 / (data.num_levels - 1)) - 1
+            codes = vq.nearest_code(model.discriminator.bottom(real), quantizer.codebook)
+        metrics.update(feature_perplexity=vq.codebook_perplexity(codes, quantizer.num_codes).item(),
+                       feature_codes=quantizer.num_codes, restarts=int(quantizer.restarts))
+    return metrics
+
+
+_GAN_COLUMNS = (
+    Column("Fréchet distance", number("frechet_distance")),
+    Column("floor (test digits)", number("frechet_floor")),
+    Column("feature perplexity", lambda r: f"{r['feature_perplexity']:.1f} / {r['feature_codes']}"
+                                           if "feature_perplexity" in r else ""),
+)
 _VQ_COLUMNS = (
-    Column("−log p(y|z_q) (nats)", number("recon_nll_nats")),
+    Column("reconstruction −log p(y ∣ z_q) (nats)", number("recon_nll_nats")),
     Column("−log p(c) (nats)", number("prior_nll_nats")),
     Column("uniform-prior bound (nats)", number("uniform_bound_nats")),
     Column("perplexity", lambda r: f"{r['perplexity']:.1f} / {r['num_codes']}" if "perplexity" in r else ""),
@@ -703,5 +739,17 @@ MODELS: dict[str, ModelSpec] = {
         options={"codebook": Option(("ema", "loss"), "ema", "codes moved by EMA of their encoder outputs, or "
                                                              "trained by the codebook loss")},
         after_fit=_vqvae_prior, columns=_VQ_COLUMNS,
+    ),
+    "fqgan": ModelSpec(
+        description="FQ-GAN: a small DCGAN whose discriminator's features are vector-quantized (EMA dictionary), or "
+                    "the same GAN without (--quantize no); Fréchet distance to the digits (lecture 07)",
+        build=lambda d, quantize="yes": vq.GAN(d.shape, d.num_levels, latent_dim=32, channels=pick(64, 32),
+                                               quantize=quantize == "yes"),
+        epochs=100_000, fast_epochs=3, lr=2e-4, batch_size=64, time_budget=60.0, fast_time_budget=5.0,
+        betas=(0.5, 0.999), validate=False, report=_fqgan_report,
+        figures=_image_samples, loss=lambda model: model.training_loss,
+        loss_label="L_D + L_G (nats; near 3 log 2 = 2.08 at the equilibrium)", overrides={"mnist": _MNIST},
+        options={"quantize": Option(("yes", "no"), "yes", "quantize the discriminator's features (FQ-GAN) or not")},
+        columns=_GAN_COLUMNS,
     ),
 }

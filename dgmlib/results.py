@@ -86,11 +86,12 @@ def number(key: str, digits: int = 2, se: str | None = None) -> Callable[[dict[s
 
 def detail_table(rows: list[dict[str, Any]], columns: tuple[Column, ...]) -> str:
     """The rows of one model as a Markdown table: options, data, then ``columns``, then training
-    seconds and epochs (run, and the best one, whose weights were kept)."""
+    seconds and epochs (run, and the best one, whose weights were kept; "last" without validation)."""
     head = ("options", "data", *(c.label for c in columns), "train s", "epochs (best)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        epochs = f"{r['epochs_run']} ({r.get('best_epoch', '?')})" if "epochs_run" in r else ""
+        best = r.get("best_epoch", "?")
+        epochs = f"{r['epochs_run']} ({'last' if best == -1 else best})" if "epochs_run" in r else ""
         cells = [_options(r), str(r.get("data", "")), *(c.cell(r) for c in columns),
                  _number(r.get("train_seconds"), 0), epochs]
         lines.append("| " + " | ".join(cells) + " |")

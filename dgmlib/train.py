@@ -87,6 +87,7 @@ def fit(
     batch_size: int = 64,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
     clip_grad: float | None = None,
     time_budget: float | None = None,
     seed: int = 0,
@@ -108,7 +109,8 @@ def fit(
             best epoch are restored at the end. Without it the last weights are kept.
         loss_fn: maps a batch to per-example losses ``(B,)`` in nats; defaults to ``model.nll``.
         epochs: maximum number of passes over ``train``.
-        batch_size, lr, weight_decay: minibatch size and Adam's settings.
+        batch_size, lr, weight_decay, betas: minibatch size and Adam's settings (GANs train with
+            ``betas=(0.5, 0.999)``, Radford et al. 2016).
         clip_grad: if set, clip the gradient norm to this value.
         time_budget: if set, stop after this many seconds of training (checked every step).
         seed: seeds the shuffling and any noise the loss draws.
@@ -132,6 +134,8 @@ def fit(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     if time_budget is not None and time_budget <= 0:
         raise ValueError(f"time_budget must be positive seconds, got {time_budget}")
     check_data(model, train, "train")
@@ -143,7 +147,7 @@ def fit(
     torch.manual_seed(seed)
     model.to(device)
     train = place_data(train, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     max_norm = math.inf if clip_grad is None else clip_grad
     history = History()
     best_val, best_state = math.inf, None

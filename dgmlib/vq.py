@@ -28,7 +28,7 @@ and the encoder are pulled towards each other by two squared distances with stop
 the **codebook loss** (moves the codes only) and the **commitment loss** (moves the encoder only; β = 0.25
 in the paper). Alternatively the codes follow an exponential moving average of the encoder outputs
 assigned to them (App. A.1, ``ema=True``), with Laplace smoothing of the counts so that no code divides by
-zero; the codebook loss is then not used. Codes that no encoder output picks any more ("dead" codes) can be
+zero (as in Sonnet's ``VectorQuantizerEMA``); the codebook loss is then not used. Codes that no encoder output picks any more ("dead" codes) can be
 restarted at encoder outputs of the current batch (``restart_threshold``); ``restarts`` counts them.
 
 Shapes: ``z_e (B, D, *spatial)`` with the code dimension ``D`` second, as a convolution gives it; indices
@@ -52,11 +52,12 @@ from torch import Tensor, nn
 
 from dgmlib.autoregressive import AutoregressiveModel, GatedPixelCNN, GatedPixelCNNLayer
 from dgmlib.dequantization import check_levels
-from dgmlib.device import inputs_checked, module_device, module_dtype, multinomial, randint, value_checks
+from dgmlib.device import inputs_checked, module_device, module_dtype, multinomial, randint, randn, value_checks
 from dgmlib.train import History, fit
 
-__all__ = ["ConditionalPixelCNN", "Quantized", "VectorQuantizer", "VQVAE", "VQVAE2", "codebook_perplexity",
-           "encode_codes", "fit_prior", "nearest_code",
+__all__ = ["GAN", "ConditionalPixelCNN", "DigitClassifier", "Discriminator", "Generator", "MinibatchStd", "Quantized",
+           "VectorQuantizer", "VQVAE", "VQVAE2", "classifier_accuracy", "codebook_perplexity", "digit_classifier",
+           "encode_codes", "fit_prior", "frechet_digit_distance", "frechet_distance", "nearest_code",
            "straight_through", "uniform_prior_nll"]
 
 
@@ -185,8 +186,9 @@ class VectorQuantizer(nn.Module):
     """A codebook of ``K`` vectors of dimension ``D`` and the nearest-neighbour quantization of ``z_e``.
 
     Training mode updates the codebook's usage statistics on every call; with ``ema=True`` it also moves
-    the codes (van den Oord et al. 2017, App. A.1): with ``n_k`` the number of vectors assigned to code ``k``
-    in the batch and ``s_k`` their sum,
+    the codes (van den Oord et al. 2017, App. A.1; the Laplace smoothing of the counts as in Sonnet's
+    ``VectorQuantizerEMA``): with ``n_k`` the number of vectors assigned to code ``k`` in the batch and ``s_k``
+    their sum,
 
         N_k <- γ N_k + (1 - γ) n_k,    m_k <- γ m_k + (1 - γ) s_k,    e_k = m_k / Ñ_k,
         Ñ_k = (N_k + ε) / (Σ_j N_j + K ε) · Σ_j N_j       (Laplace smoothing: no division by zero).
@@ -200,7 +202,8 @@ class VectorQuantizer(nn.Module):
     to 1, its EMA sum to the new code); ``restarts`` (a buffer) counts how many codes were restarted so far.
     A code unused since its last (re)start has ``N_k = γ^t`` after ``t`` steps, so a threshold of 1 restarts
     it at the first step that does not pick it: on the first steps this acts as a data-dependent
-    initialisation of the codebook. The restarts need no host round trip (every code draws a candidate and
+    initialisation of the codebook. Without EMA a restart writes the code directly, and the optimizer's moment
+    estimates for that row stay as they were. The restarts need no host round trip (every code draws a candidate and
     ``torch.where`` keeps the dead ones' only).
 
     Every state (codebook, counts, sums, restarts) is a parameter or a registered buffer, so checkpoints round-trip.
@@ -229,7 +232,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"restart_threshold must be None or >= 0, got {restart_threshold!r}")
         self.num_codes, self.dim, self.beta, self.ema = num_codes, dim, float(beta), bool(ema)
         self.decay, self.eps, self.restart_threshold = float(decay), float(eps), restart_threshold
-        init = torch.empty(num_codes, dim, device="cpu").uniform_(-1.0 / num_codes, 1.0 / num_codes)  # as the paper
+        init = torch.empty(num_codes, dim, device="cpu").uniform_(-1.0 / num_codes, 1.0 / num_codes)  # a common choice
         if self.ema:
             self.register_buffer("codebook", init)
             self.register_buffer("embed_sum", init.clone())
@@ -279,6 +282,8 @@ class VectorQuantizer(nn.Module):
     def _update(self, z_e: Tensor, indices: Tensor, counts: Tensor) -> None:
         """One training step's update of the counts ``n_k`` (given), the EMA codes and the restarts (see the class)."""
         flat = z_e.movedim(1, -1).reshape(-1, self.dim).to(self.cluster_size.dtype)  # (N, D)
+        if flat.shape[0] == 0:  # an empty batch carries no statistics
+            return
         self.cluster_size.mul_(self.decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.decay)
         if self.ema:
             sums = torch.zeros_like(self.embed_sum).index_add_(0, indices.flatten(), flat)  # s_k, (K, D)
@@ -786,3 +791,263 @@ def fit_prior(model: VQVAE | VQVAE2, train: Tensor, val: Tensor | None = None, *
     history = fit(prior, codes_train, codes_val, **fit_kwargs)
     model.prior_fitted = True
     return history
+
+
+# --------------------------------------------------------------------------- FQ-GAN
+
+
+class Generator(nn.Module):
+    """The GAN's generator ``G``: ``z (B, Z) -> x (B, 1, H, W)`` in ``[-1, 1]`` (tanh), a DCGAN-style stack: a linear
+    layer to ``(2C, H/4, W/4)``, two transposed convolutions that double the size, and a 3x3 convolution."""
+
+    def __init__(self, event_shape: tuple[int, int, int], latent_dim: int, channels: int) -> None:
+        super().__init__()
+        self.latent_dim, self.start = latent_dim, (2 * channels, event_shape[1] // 4, event_shape[2] // 4)
+        self.linear = nn.Linear(latent_dim, math.prod(self.start))
+        self.net = nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1),
+                                 nn.BatchNorm2d(channels), nn.ReLU(),
+                                 nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1),
+                                 nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, 1, 3, padding=1), nn.Tanh())
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(self.linear(z).view(-1, *self.start))
+
+
+class MinibatchStd(nn.Module):
+    """Appends one channel holding the average over features and positions of the batch's standard deviation
+    (Karras et al. 2018, "Progressive growing of GANs", Sec. 3): ``(B, C, H, W) -> (B, C + 1, H, W)``. A
+    discriminator that sees how varied a batch is can tell a collapsed generator from the data; without it the
+    small GAN of the course collapses to one image within seconds."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        spread = x.std(0, unbiased=False).mean().expand(x.shape[0], 1, *x.shape[2:])
+        return torch.cat([x, spread], dim=1)
+
+
+class Discriminator(nn.Module):
+    """The discriminator ``D = f_T ∘ f_B`` (a logit per image), or with feature quantization
+    ``D = f_T ∘ f_Q ∘ f_B`` (Zhao et al. 2020, Eq. 3): ``f_B`` two stride-2 convolutions to features ``(2C, H/4,
+    W/4)``, ``f_Q`` a ``VectorQuantizer`` of those feature vectors (EMA codebook, straight-through), ``f_T`` the
+    minibatch standard deviation, a 3x3 convolution and a linear layer. ``forward`` returns the logits ``(B,)``
+    and the quantizer's loss ``(B,)`` (zeros without quantization)."""
+
+    def __init__(self, event_shape: tuple[int, int, int], channels: int, quantizer: VectorQuantizer | None) -> None:
+        super().__init__()
+        c = channels
+        self.bottom = nn.Sequential(nn.Conv2d(1, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+                                    nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2))
+        self.quantizer = quantizer
+        self.top = nn.Sequential(MinibatchStd(), nn.Conv2d(2 * c + 1, 2 * c, 3, padding=1), nn.LeakyReLU(0.2),
+                                 nn.Flatten(),
+                                 nn.Linear(2 * c * (event_shape[1] // 4) * (event_shape[2] // 4), 1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.bottom(x)  # (B, 2C, H/4, W/4)
+        if self.quantizer is None:
+            return self.top(features).squeeze(1), x.new_zeros(x.shape[0])
+        out = self.quantizer(features)
+        return self.top(out.z_q).squeeze(1), out.loss
+
+
+class GAN(nn.Module):
+    """A small GAN for grey images, trained with the non-saturating losses, optionally with the feature-quantized
+    discriminator of FQ-GAN (Zhao, Li, Ge & Kautz 2020, "Feature quantization for GANs").
+
+    The generator maps ``z ~ N(0, I)`` to an image; the discriminator ``D`` outputs a logit, ``σ(D(x))`` the
+    probability that ``x`` is real (Goodfellow et al. 2014). Per real image ``x`` and fake ``G(z)``:
+
+        L_D = -log σ(D(x)) - log(1 - σ(D(G(z))))  = softplus(-D(x)) + softplus(D(G(z)))   (G's output detached)
+        L_G = -log σ(D(G(z)))                     = softplus(-D(G(z)))                    (D's parameters detached)
+
+    ``training_loss`` returns ``L_D + L_G`` per image, with each term's gradient routed to one network only, so that
+    one optimizer step of ``dgmlib.train.fit`` is one simultaneous gradient step of both players. With
+    ``quantize=True`` the discriminator's middle features are replaced by their nearest codes of a dictionary kept
+    by EMA (the same ``VectorQuantizer``), the commitment losses of the real and the fake features are added to
+    ``L_D``, and the dictionary sees the features of both: real and fake features are matched against the same
+    codes, the paper's implicit feature matching. A GAN has no likelihood: compare its samples with
+    ``frechet_digit_distance``.
+
+    Args:
+        event_shape: ``(1, H, W)``, ``H`` and ``W`` divisible by 4. num_levels: ``K_y`` (images enter as
+            ``2 y / (K_y - 1) - 1``). latent_dim: ``Z``. channels: feature maps. quantize: FQ-GAN or not.
+            num_codes, beta, decay, restart_threshold: the feature quantizer's (dimension ``2 channels``). The
+            discriminator's features move fast, so codes die often (thousands of restarts in a minute at a
+            threshold of 1); without restarts the dictionary collapsed onto a few codes in one of two seeds on the
+            digits (perplexity 11 of 64), and the generator with it.
+
+    Raises:
+        ValueError: for a bad shape or sizes.
+    """
+
+    def __init__(self, event_shape: Sequence[int] = (1, 8, 8), num_levels: int = 17, latent_dim: int = 32,
+                 channels: int = 32, quantize: bool = True, num_codes: int = 64, beta: float = 0.25,
+                 decay: float = 0.99, restart_threshold: float | None = 1.0) -> None:
+        super().__init__()
+        event_shape = tuple(int(s) for s in event_shape)
+        if len(event_shape) != 3 or event_shape[0] != 1 or min(event_shape) < 1 or event_shape[1] % 4 \
+                or event_shape[2] % 4:
+            raise ValueError(f"event_shape must be (1, H, W) with H and W divisible by 4, got {event_shape}")
+        _check_positive_int(latent_dim, "latent_dim")
+        _check_positive_int(channels, "channels")
+        self.event_shape, self.num_levels, self.latent_dim, self.quantize = event_shape, num_levels, latent_dim, quantize
+        self.generator = Generator(event_shape, latent_dim, channels)
+        quantizer = VectorQuantizer(num_codes, 2 * channels, beta, ema=True, decay=decay,
+                                    restart_threshold=restart_threshold) if quantize else None
+        self.discriminator = Discriminator(event_shape, channels, quantizer)
+
+    def to_unit(self, x: Tensor) -> Tensor:
+        """Images in ``[-1, 1]`` to ``[0, 1]``."""
+        return (x + 1) / 2
+
+    def training_loss(self, y: Tensor) -> Tensor:
+        """``L_D + L_G`` per image ``(B,)`` in nats for real levels ``y (B, 1, H, W)`` and as many fresh ``z``; each
+        term's gradient reaches only its own network (see the class).
+
+        Raises:
+            TypeError/ValueError: for a wrong shape or invalid levels.
+        """
+        _check_images(y, self.event_shape, self.num_levels)
+        x = y.to(self.generator.linear.weight.dtype) * (2.0 / (self.num_levels - 1)) - 1.0
+        z = torch.randn(x.shape[0], self.latent_dim, device=x.device, dtype=x.dtype)
+        fake = self.generator(z)
+        d_real, q_real = self.discriminator(x)
+        d_fake, q_fake = self.discriminator(fake.detach())
+        loss_d = F.softplus(-d_real) + F.softplus(d_fake) + q_real + q_fake
+        frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        with _no_codebook_update(self.discriminator):
+            d_gen, _ = torch.func.functional_call(self.discriminator, frozen, (fake,))
+        return loss_d + F.softplus(-d_gen)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` images ``G(z)`` in ``[0, 1]``, ``(n, 1, H, W)``, ``z ~ N(0, I)`` (seeded by ``generator``).
+
+        Raises:
+            ValueError: for ``n < 1``.
+        """
+        _check_positive_int(n, "n")
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            weight = self.generator.linear.weight
+            z = randn((n, self.latent_dim), device=weight.device, dtype=weight.dtype, generator=generator)
+            return self.to_unit(self.generator(z))
+        finally:
+            self.generator.train(was_training)
+
+
+class _no_codebook_update:  # noqa: N801 - used as a context manager
+    """Within the block the discriminator's quantizer (if any) quantizes without updating its codebook: the
+    generator's pass must not move the dictionary a second time."""
+
+    def __init__(self, discriminator: Discriminator) -> None:
+        self.quantizer = discriminator.quantizer
+        self.was_training = False
+
+    def __enter__(self) -> None:
+        if self.quantizer is not None:
+            self.was_training = self.quantizer.training
+            self.quantizer.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.quantizer is not None:
+            self.quantizer.train(self.was_training)
+
+
+# --------------------------------------------------------------------------- the Fréchet distance on digits
+
+
+class DigitClassifier(nn.Module):
+    """A small convolutional classifier of the 8x8 digits (two 3x3 convolutions, a 64-unit feature layer, 10 logits),
+    trained once per process by ``digit_classifier`` from code, not shipped weights. ``features(y)`` gives the
+    64-d penultimate activations that ``frechet_digit_distance`` compares."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                                  nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def features(self, x: Tensor) -> Tensor:
+        """``(B, 64)`` features of images ``x (B, 1, 8, 8)`` in ``[0, 1]``."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+_CLASSIFIER: list[DigitClassifier] = []
+
+
+def digit_classifier() -> DigitClassifier:
+    """The feature network of the Fréchet distance: a ``DigitClassifier`` trained on the 1000 training digits and
+    their labels (seed 0, 40 epochs of Adam, about 3 s on a CPU), on the CPU, in evaluation mode; trained on first
+    use and kept for the process. Its test accuracy is ``classifier_accuracy()``."""
+    if not _CLASSIFIER:
+        from dgmlib.data import load_digit_labels, load_digits
+
+        with torch.random.fork_rng(devices=[]):  # the same weights whatever the caller's random state
+            torch.manual_seed(0)
+            net = DigitClassifier()
+        packed = {split: torch.cat([load_digits(split).flatten(1) / 16.0, load_digit_labels(split)[:, None].float()], 1)
+                  for split in ("train", "val")}  # (N, 65): the image in [0, 1], then its label
+
+        def loss(batch: Tensor) -> Tensor:
+            return F.cross_entropy(net(batch[:, :64].view(-1, 1, 8, 8)), batch[:, 64].long(), reduction="none")
+
+        with torch.enable_grad():  # also when first called under no_grad
+            fit(net, packed["train"], packed["val"], loss_fn=loss, epochs=40, lr=2e-3, seed=0, progress=False,
+                device="cpu")
+        _CLASSIFIER.append(net.eval())
+    return _CLASSIFIER[0]
+
+
+def classifier_accuracy() -> float:
+    """The accuracy of ``digit_classifier()`` on the 447 test digits (a check that its features mean something)."""
+    from dgmlib.data import load_digit_labels, load_digits
+
+    net = digit_classifier()
+    with torch.no_grad():
+        predicted = net(load_digits("test") / 16.0).argmax(1)
+    return (predicted == load_digit_labels("test")).float().mean().item()
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """The Fréchet distance between Gaussians fitted to two sets of feature vectors (Heusel et al. 2017, Eq. 6):
+
+        ||μ_a - μ_b||^2 + Tr(Σ_a + Σ_b - 2 (Σ_a Σ_b)^{1/2}),
+
+    with ``Tr((Σ_a Σ_b)^{1/2})`` the sum of the square roots of the eigenvalues of ``Σ_a Σ_b`` (real and
+    non-negative for two covariance matrices), in float64.
+
+    Args:
+        a: ``(N, F)``. b: ``(M, F)``, ``N, M >= 2``.
+
+    Raises:
+        ValueError: for mismatched feature sizes or fewer than two vectors.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"a and b must be (N, F) and (M, F) with N, M >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.double().cpu(), b.double().cpu()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # (F, F), also for F = 1
+    eig = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0)
+    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eig.sqrt().sum()).item()
+
+
+def frechet_digit_distance(images: Tensor, reference: Tensor | None = None) -> float:
+    """The Fréchet distance between the ``digit_classifier`` features of ``images`` and of ``reference`` (default:
+    the 1000 training digits): lower is closer. Both are images in ``[0, 1]``, ``(N, 1, 8, 8)``; the held-out test
+    digits against the training digits give the floor that samples of a perfect model would reach.
+
+    Raises:
+        ValueError: for images that are not ``(N, 1, 8, 8)``.
+    """
+    from dgmlib.data import load_digits
+
+    if images.dim() != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+        raise ValueError(f"the Fréchet digit distance needs (N, 1, 8, 8) images in [0, 1], got {tuple(images.shape)}")
+    reference = load_digits("train") / 16.0 if reference is None else reference
+    net = digit_classifier()
+    with torch.no_grad():
+        return frechet_distance(net.features(images.float().cpu()), net.features(reference.float().cpu()))

@@ -391,3 +391,110 @@ def test_vqvae2_trains_its_two_levels_and_their_priors():
     torch.testing.assert_close(fresh.nll(val[:10]), model.nll(val[:10]))
     with pytest.raises(ValueError, match="divisible by 4"):
         vq.VQVAE2((1, 6, 6))
+
+
+# --------------------------------------------------------------------------- FQ-GAN and the Fréchet distance
+
+
+def test_frechet_distance_against_scipy_sqrtm():
+    from scipy import linalg
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 5, generator=g, dtype=torch.float64) + 1
+    mu_a, mu_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    root = linalg.sqrtm((cov_a @ cov_b).numpy()).real
+    expected = float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * root.trace())
+    assert vq.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert vq.frechet_distance(b, a) == pytest.approx(expected, rel=1e-8)
+    assert abs(vq.frechet_distance(a, a)) < 1e-8
+    # one dimension: (mu_a - mu_b)^2 + (sigma_a - sigma_b)^2
+    x = torch.randn(100, 1, generator=g, dtype=torch.float64)
+    y = 3 * x + 2
+    assert vq.frechet_distance(x, y) == pytest.approx((2 * x.mean() + 2).item() ** 2 + (2 * x.std()).item() ** 2)
+    with pytest.raises(ValueError, match="N, M >= 2"):
+        vq.frechet_distance(a[:, :3], b)
+
+
+def test_the_digit_classifier_is_accurate_and_the_floor_is_below_noise():
+    assert vq.classifier_accuracy() > 0.95
+    test = data.load_digits("test") / 16.0
+    floor = vq.frechet_digit_distance(test)
+    assert floor == vq.frechet_digit_distance(test)  # trained once, deterministic
+    assert floor < 0.1 * vq.frechet_digit_distance(torch.rand(447, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    shuffled = test.flatten(1)[:, torch.randperm(64, generator=torch.Generator().manual_seed(1))].view(-1, 1, 8, 8)
+    assert vq.frechet_digit_distance(shuffled) > 5 * floor  # the same pixel values, no digits
+    with pytest.raises(ValueError, match=r"\(N, 1, 8, 8\)"):
+        vq.frechet_digit_distance(torch.rand(4, 64))
+
+
+def test_gan_loss_routes_each_players_gradient_to_its_own_network():
+    torch.manual_seed(0)
+    gan = vq.GAN(channels=8, latent_dim=4, quantize=False).double()
+    y = data.load_digits("train")[:16].double()
+    torch.manual_seed(1)
+    gan.training_loss(y).sum().backward()
+    grads = {n: p.grad.clone() for n, p in gan.named_parameters()}
+    gan.zero_grad()
+    torch.manual_seed(1)
+    x = y * (2.0 / 16) - 1
+    fake = gan.generator(torch.randn(16, 4, dtype=torch.float64))
+    d_real, _ = gan.discriminator(x)
+    d_fake, _ = gan.discriminator(fake.detach())
+    loss_d = (torch.nn.functional.softplus(-d_real) + torch.nn.functional.softplus(d_fake)).sum()
+    loss_g = torch.nn.functional.softplus(-gan.discriminator(fake)[0]).sum()
+    d_params = list(gan.discriminator.parameters())
+    g_params = list(gan.generator.parameters())
+    for p, expected in zip(d_params, torch.autograd.grad(loss_d, d_params, retain_graph=True)):
+        name = next(n for n, q in gan.named_parameters() if q is p)
+        torch.testing.assert_close(grads[name], expected)
+    for p, expected in zip(g_params, torch.autograd.grad(loss_g, g_params)):
+        name = next(n for n, q in gan.named_parameters() if q is p)
+        torch.testing.assert_close(grads[name], expected)
+
+
+def test_fq_gan_quantizes_real_and_fake_features_and_the_generator_pass_does_not_update(monkeypatch):
+    torch.manual_seed(0)
+    gan = vq.GAN(channels=8, latent_dim=4, quantize=True, num_codes=16)
+    quantizer = gan.discriminator.quantizer
+    assert quantizer.dim == 16 and quantizer.ema
+    updates = []
+    original = quantizer._update
+    monkeypatch.setattr(quantizer, "_update", lambda *a: (updates.append(1), original(*a)))
+    loss = gan.training_loss(data.load_digits("train")[:32])
+    assert loss.shape == (32,) and len(updates) == 2  # the real and the fake batch, not the generator's pass
+    loss.mean().backward()
+    assert gan.generator.linear.weight.grad.abs().sum() > 0
+    assert gan.discriminator.bottom[0].weight.grad.abs().sum() > 0
+    assert quantizer.training
+
+
+def test_minibatch_std_and_gan_samples():
+    x = torch.randn(5, 3, 2, 2)
+    out = vq.MinibatchStd()(x)
+    assert out.shape == (5, 4, 2, 2)
+    torch.testing.assert_close(out[:, 3], x.std(0, unbiased=False).mean().expand(5, 2, 2))
+    gan = vq.GAN(channels=8)
+    s = gan.sample(6, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (6, 1, 8, 8) and 0 <= s.min() and s.max() <= 1
+    torch.testing.assert_close(s, gan.sample(6, generator=torch.Generator().manual_seed(0)))
+    assert gan.generator.training  # sampling put it back
+    with pytest.raises(ValueError, match="divisible by 4"):
+        vq.GAN((1, 6, 6))
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        gan.training_loss(torch.zeros(2, 64))
+
+
+def test_cli_trains_a_gan_without_validation_and_reports_the_frechet_distance(tmp_path):
+    import json
+
+    from dgmlib.cli import main
+
+    out = tmp_path / "gan"
+    assert main(["train", "fqgan", "--quantize", "no", "--fast", "--epochs", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["frechet_distance"] > m["frechet_floor"] > 0 and m["classifier_accuracy"] > 0.95
+    assert "test_nll_nats" not in m and "val_loss" not in m and m["best_epoch"] == -1
+    assert "feature_perplexity" not in m and m["quantize"] == "no"
+    assert (out / "samples.png").stat().st_size > 0
