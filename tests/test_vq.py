@@ -498,3 +498,16 @@ def test_cli_trains_a_gan_without_validation_and_reports_the_frechet_distance(tm
     assert "test_nll_nats" not in m and "val_loss" not in m and m["best_epoch"] == -1
     assert "feature_perplexity" not in m and m["quantize"] == "no"
     assert (out / "samples.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("two_levels", [False, True])
+def test_fitted_priors_evaluate_and_sample_on_meta(two_levels):
+    """The prior paths (stage 2 done) keep to the device of the parameters: on ``meta`` any tensor made on the CPU
+    and mixed in, or any value read, raises (the registry's device test covers the uniform-prior paths)."""
+    model = (vq.VQVAE2 if two_levels else vq.VQVAE)(channels=4, num_codes=8, prior_channels=4).to("meta").eval()
+    model.prior_fitted = True
+    y = torch.zeros(3, 1, 8, 8, device="meta")
+    with torch.no_grad():
+        assert model.nll(y).shape == (3,) and model.nll(y).device.type == "meta"
+        assert model.sample(2).shape == (2, 1, 8, 8)
+        assert model.sample(2, generator=torch.Generator().manual_seed(0)).device.type == "meta"
