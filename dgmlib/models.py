@@ -617,6 +617,8 @@ _GAN_COLUMNS = (
     Column("feature perplexity", lambda r: f"{r['feature_perplexity']:.1f} / {r['feature_codes']}"
                                            if "feature_perplexity" in r else ""),
 )
+_VQ_OPTIONS = {"codebook": Option(("ema", "loss"), "ema", "codes moved by EMA of their encoder outputs, or trained by "
+                                                         "the codebook loss")}
 _VQ_COLUMNS = (
     Column("reconstruction −log p(y ∣ z_q) (nats)", number("recon_nll_nats")),
     Column("−log p(c) (nats)", number("prior_nll_nats")),
@@ -722,8 +724,7 @@ MODELS: dict[str, ModelSpec] = {
         fast_time_budget=5.0, report=_vqvae_report, figures=_vqvae_figures,
         loss=lambda model: model.training_loss,
         loss_label="-log p(y | z_q) + β ||z_e - sg[e]||² (nats + squared distance)", overrides={"mnist": _MNIST},
-        options={"codebook": Option(("ema", "loss"), "ema", "codes moved by EMA of their encoder outputs, or "
-                                                             "trained by the codebook loss")},
+        options=_VQ_OPTIONS,
         after_fit=_vqvae_prior, columns=_VQ_COLUMNS,
     ),
     "vqvae2": ModelSpec(
@@ -736,8 +737,7 @@ MODELS: dict[str, ModelSpec] = {
         report=_vqvae2_report, figures=_vqvae2_figures, loss=lambda model: model.training_loss,
         loss_label="-log p(y | e_top, e_bottom) + β (both commitments) (nats + squared distances)",
         overrides={"mnist": _MNIST},
-        options={"codebook": Option(("ema", "loss"), "ema", "codes moved by EMA of their encoder outputs, or "
-                                                             "trained by the codebook loss")},
+        options=_VQ_OPTIONS,
         after_fit=_vqvae_prior, columns=_VQ_COLUMNS,
     ),
     "fqgan": ModelSpec(
