@@ -515,10 +515,7 @@ def _vqvae_figures(model: vq.VQVAE, data: ImageData, seed: int, title: str) -> d
     model.eval()
     test = data.test[:32]
     with torch.no_grad():
-        z_q = model.quantizer.quantize(model.codes(test))
-        probs = torch.softmax(model.decode_logits(z_q), dim=1)
-        levels = torch.arange(model.num_levels, device=probs.device, dtype=probs.dtype)
-        recon = torch.einsum("bkhw,k->bhw", probs, levels).unsqueeze(1)
+        recon = model.reconstruct(test)
         codes = torch.cat([model.codes(b) for b in data.test[:MAX_TEST_IMAGES].split(250)])
     pair = torch.cat([test.to(recon.dtype), recon]) / (model.num_levels - 1)
     figures["reconstructions"] = plots.image_grid(pair, nrow=8, vmax=1.0,

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgmlib.autoregressive import AutoregressiveModel, GatedPixelCNN, GatedPixelCNNLayer
+from dgmlib.autoregressive import AutoregressiveModel, GatedPixelCNN, GatedPixelCNNLayer, _output_head
 from dgmlib.dequantization import check_levels
 from dgmlib.device import inputs_checked, module_device, module_dtype, multinomial, randint, randn, value_checks
 from dgmlib.train import History, fit
@@ -341,6 +341,11 @@ def _mean_levels(logits: Tensor, num_levels: int) -> Tensor:
     return torch.einsum("bkhw,k->bhw", F.softmax(logits, dim=1), levels).unsqueeze(1)
 
 
+def _categorical_nll(logits: Tensor, y: Tensor) -> Tensor:
+    """``-log p(y | ·)`` in nats per image ``(B,)`` of levels ``y (B, 1, H, W)`` under per-pixel logits ``(B, K_y, H, W)``."""
+    return F.cross_entropy(logits, y[:, 0].long(), reduction="none").flatten(1).sum(1)
+
+
 def _draw_levels(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     """Levels ``(B, 1, H, W)`` drawn from the categorical decoder's logits ``(B, K_y, H, W)``."""
     b, k, h, w = logits.shape
@@ -448,12 +453,15 @@ class VQVAE(_PriorFlag, nn.Module):
 
     def recon_nll(self, y: Tensor, z_q: Tensor) -> Tensor:
         """``-log p(y | z_q)`` in nats per image, ``(B,)``."""
-        logits = self.decode_logits(z_q)
-        return F.cross_entropy(logits, y[:, 0].long(), reduction="none").flatten(1).sum(1)
+        return _categorical_nll(self.decode_logits(z_q), y)
 
     def codes(self, y: Tensor) -> Tensor:
         """The code maps ``c (B, h, w)`` int64 of images ``y``: the point mass of ``q(c | y)``."""
         return nearest_code(self.encode(y), self.quantizer.codebook.detach())
+
+    def reconstruct(self, y: Tensor) -> Tensor:
+        """The decoder's mean level ``E[y' | z_q(y)]`` ``(B, 1, H, W)`` for images ``y``: their reconstructions."""
+        return _mean_levels(self.decode_logits(self.quantizer._lookup(self.codes(y))), self.num_levels)
 
     def training_loss(self, y: Tensor) -> Tensor:
         """The VQ-VAE objective per image ``(B,)`` (Eq. 3): ``-log p(y|z_q)`` (nats) plus the quantizer's loss."""
@@ -540,8 +548,7 @@ class ConditionalPixelCNN(AutoregressiveModel):
         self.layers = nn.ModuleList(
             [GatedPixelCNNLayer(1, channels, first_kernel, first=True, cond_channels=channels)]
             + [GatedPixelCNNLayer(channels, channels, 3, cond_channels=channels) for _ in range(num_layers - 1)])
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
-                                  nn.Conv2d(channels, self.params_per_pixel, 1))
+        self.head = _output_head(channels, self.params_per_pixel)  # the same head as the other PixelCNNs
 
     def _check_cond(self, cond: Tensor, batch: int) -> Tensor:
         if not isinstance(cond, Tensor) or cond.is_floating_point() or cond.dtype == torch.bool:
@@ -680,9 +687,7 @@ class VQVAE2(_PriorFlag, nn.Module):
         f = self._features(y)
         top = self.quant_top(self.enc_top(f))
         bottom = self.quant_bottom(self._bottom_input(f, top.z_q))
-        logits = self.decode_logits(top.z_q, bottom.z_q)
-        recon = F.cross_entropy(logits, y[:, 0].long(), reduction="none").flatten(1).sum(1)
-        return recon + top.loss + bottom.loss
+        return _categorical_nll(self.decode_logits(top.z_q, bottom.z_q), y) + top.loss + bottom.loss
 
     def codes(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(c_top (B, H/4, W/4), c_bottom (B, H/2, W/2))``, int64: the point mass of ``q(c | y)`` (no update)."""
@@ -712,8 +717,7 @@ class VQVAE2(_PriorFlag, nn.Module):
     def nll_terms(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(-log p(y | e_top, e_bottom), -log p(c_top), -log p(c_bottom | c_top))``, each ``(B,)`` nats."""
         c_top, c_bottom = self.codes(y)
-        logits = self._decode_codes(c_top, c_bottom, module_dtype(self))
-        recon = F.cross_entropy(logits, y[:, 0].long(), reduction="none").flatten(1).sum(1)
+        recon = _categorical_nll(self._decode_codes(c_top, c_bottom, module_dtype(self)), y)
         return (recon, *self.prior_nll(c_top, c_bottom))
 
     def nll(self, y: Tensor) -> Tensor:
