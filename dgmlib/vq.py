@@ -855,7 +855,7 @@ class Discriminator(nn.Module):
 
 class GAN(nn.Module):
     """A small GAN for grey images, trained with the non-saturating losses, optionally with the feature-quantized
-    discriminator of FQ-GAN (Zhao, Li, Ge & Kautz 2020, "Feature quantization for GANs").
+    discriminator of FQ-GAN (Zhao, Li, Yu, Gao & Chen 2020, "Feature quantization improves GAN training", ICML).
 
     The generator maps ``z ~ N(0, I)`` to an image; the discriminator ``D`` outputs a logit, ``σ(D(x))`` the
     probability that ``x`` is real (Goodfellow et al. 2014). Per real image ``x`` and fake ``G(z)``:

@@ -60,6 +60,21 @@ EXPECTED = {
             "raises": {"test_q_agg": 2, "test_surgery": 2, "test_vamp": 3},
         },
     },
+    "hw4_vq_vae": {
+        "assignment": "hw4_vq_vae",
+        "partial_cells": {"quantizer"},
+        "raising_cell": "ema",
+        "scores": {
+            "honest": {"test_nearest": 2, "test_straight_through": 2, "test_losses": 2, "test_routing": 3,
+                       "test_ema_closed_form": 3, "test_ema_reference": 2, "test_vqvae_loss": 2,
+                       "test_codebook_health": 3, "test_code_maps": 1, "test_bound_terms": 2, "test_bound": 3},
+            "partial": {"test_nearest": 2, "test_straight_through": 2, "test_losses": 2, "test_routing": 3},
+            # without the EMA update the quantizer cannot train: the loss of a fresh model (evaluation mode) and
+            # the code maps and bound terms of the untrained one still pass, its health and its bound do not
+            "raises": {"test_nearest": 2, "test_straight_through": 2, "test_losses": 2, "test_routing": 3,
+                       "test_vqvae_loss": 2, "test_code_maps": 1, "test_bound_terms": 2},
+        },
+    },
     "hw5_neural_ode": {
         "assignment": "hw5_neural_ode",
         "partial_cells": {"adjoint"},
@@ -96,6 +111,7 @@ INNOCENT = {
     "hw1_autoregressive": ("gated", r"\ba_v\b", "vertical_pre"),
     "hw2_flows": ("coupling", r"\blog_det\b", "log_abs_det"),
     "hw3_vae": ("bounds", r"\blog_w\b", "log_importance_weights"),
+    "hw4_vq_vae": ("ema", r"\bsmoothed\b", "laplace_counts"),
     "hw5_neural_ode": ("hutchinson", r"\beps_jac\b", "vjp_eps"),
     "hw6_diffusion": ("objective", r"(?<!\.)\bmean\b", "posterior_mean"),
 }
@@ -221,6 +237,51 @@ class VampPrior(nn.Module):
         return torch.randn(n, self.latent_dim, generator=generator)
 """,
         "train": "model = small_vae()\nhistory = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)",
+    },
+    "hw4_vq_vae": {
+        "quantizer": """
+def nearest_code(z_e, codebook):
+    flat = z_e.movedim(1, -1)
+    return (flat.unsqueeze(-2) - codebook).square().sum(-1).argmax(-1)
+def straight_through(z_e, z_q):
+    return z_q
+def vq_losses(z_e, z_q):
+    d = (z_e - z_q).square().flatten(1).sum(1)
+    return d, 0.5 * d
+""",
+        "ema": """
+def ema_update(cluster_size, embed_sum, z_e, indices, decay, eps=1e-5):
+    return cluster_size.clone(), embed_sum.clone(), embed_sum / cluster_size[:, None]
+""",
+        "vqvae_model": """
+class MyVQVAE(nn.Module):
+    def __init__(self, num_levels=17, num_codes=32, code_dim=8, channels=16):
+        super().__init__()
+        self.num_levels, self.num_codes = num_levels, num_codes
+        self.encoder = nn.Sequential(nn.Conv2d(1, code_dim, 4, 4))
+        self.quantizer = Quantizer(num_codes, code_dim)
+        self.decoder = nn.Sequential(nn.ConvTranspose2d(code_dim, num_levels, 4, 4))
+    def encode(self, y):
+        return self.encoder(y.float())
+    def recon_nll(self, y, z_q):
+        return (self.decoder(z_q).mean(1, keepdim=True) - y.float()).square().flatten(1).sum(1)
+    def training_loss(self, y):
+        return self.recon_nll(y, self.encode(y))
+    def codes(self, y):
+        return torch.zeros(len(y), 2, 2, dtype=torch.long)
+""",
+        "stage1": """
+torch.manual_seed(0)
+model = MyVQVAE()
+history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
+        "stage2": """
+def code_maps(model, y):
+    return torch.ones(len(y), 1, 2, 2)
+def bound_terms(model, prior, y):
+    return torch.zeros(len(y)), torch.zeros(len(y))
+CODES_TRAIN, CODES_VAL = code_maps(model, TRAIN), code_maps(model, VAL)
+""",
     },
     "hw5_neural_ode": {
         "adjoint": """
@@ -377,6 +438,14 @@ def iwae_bound(log_weights):
 def iwae(model, y, k, generator=None):
     return model.iwae(y, k, generator)
 """),
+    "hw4_vq_vae": ("quantizer", """
+def nearest_code(z_e, codebook):
+    return vq.nearest_code(z_e, codebook)
+def straight_through(z_e, z_q):
+    return vq.straight_through(z_e, z_q)
+def vq_losses(z_e, z_q):
+    return (z_q - z_e.detach()).square().flatten(1).sum(1), (z_e - z_q.detach()).square().flatten(1).sum(1)
+"""),
     "hw5_neural_ode": ("adjoint", """
 def augmented_dynamics(func, t, z, a, params):
     f, a_dot, param_dots, _ = ode.augmented_dynamics(func, t, z, a, list(params))
@@ -445,6 +514,12 @@ RECEIPT_ATTACKS = ("hide_errors", "swap_grading", "forge_channel")
 # (the infinite loop alone holds a grading slot for the whole cell timeout); the attacks on the
 # tests (tampering, edited tests) are graded with every assignment, against its own wrong answers.
 GRADER_ATTACKS = ("delete", "infinite_loop", "kill_kernel", "huge_output", "relay_checker")
+# Graded with the first assignment only: the attacks on the grader, and those on the receipts. A receipt attack
+# (errors swallowed, a stand-in grading module, a forged channel) leaves no passing receipt whatever the answers, so
+# what it needs from an assignment is only that every test cell makes a check through dgmlib.grading, which
+# test_grading_security.test_every_test_cell_makes_a_check asserts for every assignment. Each costs a kernel
+# (about 10 s), so grading them once keeps the suite under its 15 minutes as assignments are added.
+FIRST_ASSIGNMENT_ONLY = GRADER_ATTACKS + RECEIPT_ATTACKS
 
 
 def _build_submission(release, source, answers: str, assignment: str, attack_cell: str | None, edit_tests: bool):

@@ -23,8 +23,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from classroom_cases import (ATTACKS, EXPECTED, GRADER_ATTACKS, RECEIPT_ATTACKS, attack_submission,
-                             pipeline_submission)
+from classroom_cases import (ATTACKS, EXPECTED, FIRST_ASSIGNMENT_ONLY, GRADER_ATTACKS, RECEIPT_ATTACKS,
+                             attack_submission, pipeline_submission)
 from dgmlib.cli import main
 from dgmlib.grading import classroom, sandbox
 from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points
@@ -90,11 +90,13 @@ def test_grading_a_class(tmp_path, name):
     """One ``dgm grade`` pass over a class: exact per-cell scores, and no attacker earns a point.
 
     The class (``classroom_cases``): the honest solution (for the first assignment also the same in a
-    student's own words), the blank release, a partial submission, one whose cell raises, and one submission per attack on the tests
-    (hidden errors, a swapped grading module, a forged checker channel, a wrapped reference answer,
-    patched torch, edited tests); for the first assignment also the attacks on the grader (deleting
-    the course, an endless loop, killing the kernel, flooding the output). They are graded together,
-    2 at a time, with the instructor's command as the README gives it.
+    student's own words), the blank release, a partial submission, one whose cell raises, and one
+    submission per attack on the assignment's tests (a wrapped reference answer, patched torch, edited
+    tests); for the first assignment also the attacks on the receipts (hidden errors, a swapped grading
+    module, a forged checker channel: they leave no passing receipt whatever the assignment) and on the
+    grader (deleting the course, an endless loop, killing the kernel, flooding the output, a relay in
+    front of the checker). They are graded together, 2 at a time, with the instructor's command as the
+    README gives it.
     """
     course = make_course(tmp_path / "course")
     spec = EXPECTED[name]
@@ -104,9 +106,9 @@ def test_grading_a_class(tmp_path, name):
     submissions = {kind: pipeline_submission(kind, release, source, spec) for kind in spec["scores"]}
     submissions["blank"] = copy.deepcopy(release)
     grader_attacks = name == ASSIGNMENTS[0]
-    for attack in ATTACKS:
-        if attack not in GRADER_ATTACKS or grader_attacks:
-            submissions[attack] = attack_submission(release, source, name, attack)
+    attacks = [a for a in ATTACKS if grader_attacks or a not in FIRST_ASSIGNMENT_ONLY]
+    for attack in attacks:
+        submissions[attack] = attack_submission(release, source, name, attack)
     for student, nb in submissions.items():
         folder = course / "submitted" / student / name
         folder.mkdir(parents=True)
@@ -148,12 +150,12 @@ def test_grading_a_class(tmp_path, name):
     # what stopped each attack is visible in the report. The receipts alone: no test cell of these
     # earned its points before the review zeroed the submission (auto_score is nbgrader's own score).
     with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
-        for attack in RECEIPT_ATTACKS:
+        for attack in set(RECEIPT_ATTACKS) & set(attacks):
             autos = {cell: gb.find_grade(cell, notebook_file.stem, name, attack).auto_score for cell in auto_cells}
             assert set(autos.values()) == {0}, f"{attack}: {autos}\n{report}"
             assert sorted(u.split(" (")[0] for u in results[attack].unverified) == sorted(auto_cells), report
     # ... and the review flags every attacker, the reference answer by its name
-    for attack in ATTACKS:
+    for attack in attacks:
         if attack not in GRADER_ATTACKS and attack != "edited_tests":
             assert results[attack].flagged, f"{attack} was not flagged\n{report}"
     assert any("an answer of this assignment" in f for f in results["reference"].flagged), report

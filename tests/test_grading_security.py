@@ -68,6 +68,8 @@ def test_code_swap_is_detected(monkeypatch):
                                           (__import__("dgmlib.autoregressive").autoregressive, "receptive_field"),
                                           (__import__("dgmlib.dequantization").dequantization,
                                            "variational_dequantization_nll"),
+                                          (__import__("dgmlib.vq").vq.VectorQuantizer, "forward"),
+                                          (__import__("dgmlib.vq").vq, "codebook_perplexity"),
                                           (grading, "_ask_checker")])
 def test_replaced_machinery_is_detected(monkeypatch, target, attr):
     monkeypatch.setattr(target, attr, lambda *a, **k: True)
@@ -292,6 +294,28 @@ def test_hw1_policy_flags_the_answers_of_the_autoregressive_models(cell, code, a
              "class Mine(autoregressive.AutoregressiveModel):\n    pass")
     assert review.review_source([("pixelcnn", "", tools)], policy) == []
 
+
+@pytest.mark.parametrize("cell, code, answer", [
+    ("quantizer", "def nearest_code(z_e, codebook):\n    return vq.nearest_code(z_e, codebook)", "nearest_code"),
+    ("quantizer", "from dgmlib.vq import straight_through as st", "straight_through"),
+    ("quantizer", "def vq_losses(z_e, z_q):\n    out = vq.VectorQuantizer(4, 2)(z_e)\n"
+                  "    return out.codebook_loss, out.commitment_loss", "VectorQuantizer"),
+    ("ema", "update = getattr(vq, 'VectorQuantizer')", "VectorQuantizer"),
+    ("vqvae_model", "class MyVQVAE(vq.VQVAE):\n    pass", "VQVAE"),
+    ("stage1", "model = vq.VQVAE2()", "VQVAE2"),
+    ("stage2", "CODES_TRAIN = vq.encode_codes(model, TRAIN)", "encode_codes"),
+    ("stage2", "from dgmlib.vq import fit_prior", "fit_prior"),
+])
+def test_hw4_policy_flags_the_answers_of_the_quantizer_and_the_vqvae(cell, code, answer):
+    """hw4's own policy (from its source notebook) flags a cell that delegates to dgmlib's quantizer, its VQ-VAEs or
+    their two-stage helpers, by any route."""
+    policy = review.Policy.from_notebook(json.loads((ROOT / "solutions" / "hw4_vq_vae" / "hw4_vq_vae.ipynb").read_text()))
+    flags = review.review_source([(cell, "", code)], policy)
+    assert any("an answer" in f and answer in f for f in flags), flags
+    # the helpers the assignment hands out are tools, not answers
+    tools = ("p = vq.codebook_perplexity(codes, 32)\nu = vq.uniform_prior_nll(4, 32)\n"
+             "prior = autoregressive.GatedPixelCNN((1, 2, 2), num_levels=32)")
+    assert review.review_source([("stage2", "", tools)], policy) == []
 
 # ---------------------------------------------------------------- similarity (copydetect)
 

@@ -106,6 +106,53 @@ def test_one_ema_step_equals_its_closed_form():
         torch.testing.assert_close(value, state[key])
 
 
+@pytest.mark.parametrize("ema", [False, True])
+def test_lecture_07_mechanism_cells_compute_what_the_quantizer_computes(ema):
+    """Lecture 07 writes the quantizer's forward pass and one EMA step inline (code cells tagged ``mechanism``). Run
+    exactly those cells and compare them with ``VectorQuantizer`` on the same input and the same state: the indices,
+    z_q, the three losses, the gradients they send to the encoder output and to the codebook, and (EMA) the module's
+    counts, sums and codes after one training step."""
+    from nbhelpers import ROOT, run_tagged_cells
+
+    ns = run_tagged_cells(ROOT / "lectures" / "07_vq_vae.ipynb", "mechanism")
+    g = torch.Generator().manual_seed(7)
+    k, d, beta, gamma, eps = 8, 3, 0.25, 0.9, 1e-5
+    module = vq.VectorQuantizer(k, d, beta=beta, ema=ema, decay=gamma, eps=eps, restart_threshold=None).double()
+    start = torch.randn(k, d, generator=g, dtype=torch.float64)
+    start[-1] += 50.0  # a code far from every input: never picked, its EMA count only decays
+    with torch.no_grad():
+        module.codebook.copy_(start)
+        if ema:
+            module.embed_sum.copy_(start)
+    counts_before = module.cluster_size.clone()
+    z_e = torch.randn(4, d, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)  # (B, D, H, W)
+    out = module.train()(z_e)
+
+    codebook = start.clone().requires_grad_()
+    indices, z_q, codebook_loss, commitment_loss, loss = ns["quantize"](z_e, codebook, beta=beta, ema=ema)
+    assert torch.equal(indices, out.indices) and not (indices == k - 1).any()
+    for mine, theirs in [(z_q, out.z_q), (codebook_loss, out.codebook_loss),
+                         (commitment_loss, out.commitment_loss), (loss, out.loss)]:
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+    # the same gradients: straight-through to z_e, the codebook loss to the codes (without EMA), nothing else
+    w = torch.randn(z_q.shape, generator=g, dtype=torch.float64)  # a linear stand-in for the decoder's loss
+    mine = torch.autograd.grad((w * z_q).sum() + loss.sum(), [z_e, codebook], allow_unused=True)
+    theirs = torch.autograd.grad((w * out.z_q).sum() + out.loss.sum(), [z_e] + ([] if ema else [module.codebook]))
+    torch.testing.assert_close(mine[0], theirs[0], rtol=1e-12, atol=1e-12)
+    if ema:
+        assert mine[1] is None and not module.codebook.requires_grad  # no gradient reaches an EMA codebook
+    else:
+        torch.testing.assert_close(mine[1], theirs[1], rtol=1e-12, atol=1e-12)
+        assert mine[1][-1].abs().max() == 0  # the unused code gets no gradient
+
+    counts, sums, codes = ns["ema_update"](counts_before, start, z_e.detach(), indices, decay=gamma, eps=eps)
+    torch.testing.assert_close(counts, module.cluster_size, rtol=1e-12, atol=1e-12)  # tracked with or without EMA
+    if ema:
+        torch.testing.assert_close(sums, module.embed_sum, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(codes, module.codebook, rtol=1e-12, atol=1e-12)
+        assert counts[-1] == pytest.approx(gamma)  # the unused code: one pseudo-observation, decayed once
+
+
 def test_ema_codes_converge_to_the_means_of_their_clusters():
     torch.manual_seed(0)
     centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]])

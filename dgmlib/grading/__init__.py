@@ -59,6 +59,7 @@ import dgmlib.revnet
 import dgmlib.train
 import dgmlib.units
 import dgmlib.vae
+import dgmlib.vq
 
 __all__ = ["TamperingError", "verify_untampered", "trusted", "assert_close", "assert_not_close",
            "assert_equal", "assert_true", "assert_le", "assert_shape", "randomised"]
@@ -79,7 +80,7 @@ _TENSOR_METHODS = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "
 _NUMPY_NAMES = ("allclose", "array_equal", "isclose", "ascontiguousarray", "testing.assert_allclose")
 _MATH_NAMES = ("isclose", "isfinite", "log", "exp")
 _DGMLIB_MODULES = (dgmlib.autoregressive, dgmlib.cnf, dgmlib.config, dgmlib.data, dgmlib.dequantization, dgmlib.device, dgmlib.diffusion,
-                   dgmlib.flows, dgmlib.ode, dgmlib.revnet, dgmlib.train, dgmlib.units, dgmlib.vae)
+                   dgmlib.flows, dgmlib.ode, dgmlib.revnet, dgmlib.train, dgmlib.units, dgmlib.vae, dgmlib.vq)
 _C_TYPES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
             types.ClassMethodDescriptorType, types.MethodWrapperType, types.GetSetDescriptorType)
 
@@ -118,8 +119,9 @@ def _protected_objects() -> dict[str, tuple[object, str]]:
                 continue
             table[f"{module.__name__}.{name}"] = (obj, home)
             if isinstance(obj, type):  # the methods of dgmlib's classes, e.g. Flow.log_prob
-                for attr, member in vars(obj).items():
-                    if isinstance(member, types.FunctionType) and not attr.startswith("__"):
+                for attr, member in vars(obj).items():  # (not the methods a NamedTuple gets from collections)
+                    if (isinstance(member, types.FunctionType) and not attr.startswith("__")
+                            and member.__module__ == module.__name__):
                         table[f"{module.__name__}.{name}.{attr}"] = (member, home)
     for name in ("torch", "numpy", "math", "builtins", "subprocess", *(m.__name__ for m in _DGMLIB_MODULES)):
         table[f"sys.modules[{name}]"] = (sys.modules[name], "")
