@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     res.add_argument("--figure", default=None, help="where to save the figure (default: RUNS/results.png)")
     res.add_argument("--details", action="store_true",
                      help="also one table per model with its own metrics (ELBO split, entropy gap, sampling times)")
+    from dgmlib import site
+
+    site.add_arguments(sub.add_parser("site", help="build the course website (lectures with their outputs, "
+                                                   "released assignments, results, API reference)"))
     gr = sub.add_parser("grade", help="autograde every submission of an assignment (sandboxed, in parallel)")
     gr.add_argument("assignment", help="assignment name, e.g. hw2_flows")
     gr.add_argument("--course", default=".", help="nbgrader course root (default: .)")
@@ -76,21 +80,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<{width}}  {spec.description}")
         return 0
     if args.command == "results":
-        from dgmlib.results import collect, detail_table, markdown_table, results_figure
+        from dgmlib.results import collect, results_figure, results_markdown
 
         runs = Path(args.runs)
         rows = collect(runs)
         if not rows:
             parser.error(f"no metrics.json under {runs}")
-        print(markdown_table(rows))
-        for name, spec in MODELS.items() if args.details else ():
-            own = [r for r in rows if r["model"] == name]
-            if own and spec.columns:
-                print(f"\n**{name}**\n\n{detail_table(own, spec.columns)}")
+        print(results_markdown(rows, details=args.details))
         figure = Path(args.figure) if args.figure else runs / "results.png"
         results_figure(rows).savefig(figure, dpi=120, bbox_inches="tight")
         print(f"\nfigure: {figure}")
         return 0
+    if args.command == "site":
+        return site.run(args)
     if args.command == "grade":
         from dgmlib.grading.classroom import format_report, grade_assignment
 

@@ -112,6 +112,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def results_markdown(rows: list[dict[str, Any]], details: bool = False) -> str:
+    """What ``dgm results`` prints: the main table (``markdown_table``) and, with ``details``, one table per model
+    with the columns its registry entry names (``ModelSpec.columns``), under the model's name in bold."""
+    from dgmlib.models import MODELS
+
+    parts = [markdown_table(rows)]
+    for name, spec in MODELS.items() if details else ():
+        own = [r for r in rows if r["model"] == name]
+        if own and spec.columns:
+            parts.append(f"**{name}**\n\n{detail_table(own, spec.columns)}")
+    return "\n\n".join(parts)
+
 def results_figure(rows: list[dict[str, Any]]) -> Figure:
     """Test NLL against training time, one panel per dataset, one marker per run (named in the legend):
     bits/dim for images, nats per point for 2D data.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,18 @@ def solution_sources(source_nb) -> dict[str, str]:
     return {nbg(c)["grade_id"]: "\n".join(line for line in c.source.splitlines() if line.strip() not in SOLUTION_MARKERS)
             for c in source_nb.cells if nbg(c).get("solution")}
 
+
+def secret_lines(source_nb) -> list[str]:
+    """The lines of a source notebook's solution and hidden-test regions that a release must not contain: those
+    longer than 12 characters that appear nowhere outside the regions (``with torch.no_grad():`` is no secret)."""
+    public = "\n".join(re.sub(r"### BEGIN (SOLUTION|HIDDEN TESTS).*?### END \1", "", cell.source, flags=re.S)
+                       for cell in source_nb.cells)
+    lines = []
+    for cell in source_nb.cells:
+        for region in re.findall(r"### BEGIN (?:SOLUTION|HIDDEN TESTS)(.*?)### END", cell.source, flags=re.S):
+            lines += [line.strip() for line in region.splitlines()
+                      if len(line.strip()) > 12 and line.strip() not in public]
+    return lines
 
 def autograded_points(source_nb) -> dict[str, float]:
     """grade_id -> points of every autograded (test) cell."""

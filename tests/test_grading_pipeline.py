@@ -15,7 +15,6 @@ import copy
 import csv
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from classroom_cases import (ATTACKS, EXPECTED, FIRST_ASSIGNMENT_ONLY, GRADER_AT
                              attack_submission, pipeline_submission)
 from dgmlib.cli import main
 from dgmlib.grading import classroom, sandbox
-from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points
+from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points, secret_lines
 
 HAS_BWRAP = sandbox.bwrap_path() is not None
 
@@ -73,15 +72,8 @@ def test_release_leaks_no_solution(name):
         released = (ROOT / "assignments" / name / src_path.name).read_text()
         for marker in SOLUTION_MARKERS:
             assert marker not in released
-        # a line that is also public somewhere in the notebook (e.g. `with torch.no_grad():`) is no leak
-        public = "\n".join(re.sub(r"### BEGIN (SOLUTION|HIDDEN TESTS).*?### END \1", "", cell.source, flags=re.S)
-                           for cell in source.cells)
-        for cell in source.cells:
-            for region in re.findall(r"### BEGIN (?:SOLUTION|HIDDEN TESTS)(.*?)### END", cell.source, flags=re.S):
-                for line in region.splitlines():
-                    line = line.strip()
-                    if len(line) > 12 and line not in public:
-                        assert json.dumps(line)[1:-1] not in released, f"solution text leaked: {line!r}"
+        for line in secret_lines(source):  # a line also public elsewhere in the notebook is no leak
+            assert json.dumps(line)[1:-1] not in released, f"solution text leaked: {line!r}"
 
 
 @pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
+
+from dgmlib.site import executed_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
+SITE_CACHE = ROOT / "build" / "site-cache"
 LECTURES = sorted((ROOT / "lectures").glob("*.ipynb"))
 ALL_NOTEBOOKS = sorted(p for d in ("lectures", "solutions", "assignments") for p in (ROOT / d).rglob("*.ipynb")
                        if ".ipynb_checkpoints" not in p.parts)
@@ -36,8 +38,9 @@ def test_lecture_has_no_copied_training_loop(path):
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", LECTURES, ids=lambda p: p.name)
 def test_lecture_executes_and_shows_figures(path, tmp_path):
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    """Executed in fast mode every time (``refresh``); the result stays in the site's cache (``build/site-cache``), from
+    which ``dgm site`` and ``test_site`` take the outputs instead of executing the lecture again."""
+    nb, _ = executed_notebook(path, SITE_CACHE, "fast", timeout=300, cwd=tmp_path, refresh=True)
     figures = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if "image/png" in o.get("data", {}))
     assert figures >= 5, f"{path.name} shows only {figures} figures"

@@ -53,7 +53,7 @@ def test_readme_lists_the_layout_and_syllabus():
     for hw in (ROOT / "solutions").iterdir():
         assert hw.name in readme
     for cmd in ("generate_assignment", "autograde", "generate_feedback", "export", "nbgrader validate",
-                "dgm train realnvp", "dgm grade", "bubblewrap"):
+                "dgm train realnvp", "dgm grade", "bubblewrap", "dgm site"):
         assert cmd in readme
 
 

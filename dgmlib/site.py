@@ -1,0 +1,349 @@
+"""``dgm site``: the course website, every lecture with its figures, built without running anything twice.
+
+The site is built with **Sphinx and MyST-NB**, the engine underneath Jupyter Book 1 (whose successor, Jupyter Book 2,
+moved to the Node-based ``mystmd``). Both are well kept, install from PyPI as the ``site`` extra, render the outputs
+stored in a notebook without executing it (``nb_execution_mode = "off"``), and Sphinx's autodoc (with napoleon for our
+"Args:/Returns:/Raises:" sections) gives the API reference from dgmlib's docstrings. MathJax is served from the site
+itself (the copy that ``jupyter-server-mathjax`` ships), so the equations are typeset offline too.
+
+**Outputs.** Lectures are committed without outputs. ``executed_notebook`` runs a notebook once with nbclient and keeps
+the result in a cache keyed on the notebook's bytes, every source file of dgmlib and the mode (fast or full); the
+lecture tests execute through it (``tests/test_notebooks.py``), so in CI the site reuses the notebooks the test suite
+has just executed, and a stale entry is never used. Each lecture page says which execution produced its outputs
+(mode, device, date). Full-mode outputs come from ``dgm site --mode full``, for a GPU.
+
+**Pages.** The syllabus (the README's, with the links made internal), every lecture with its outputs, every assignment
+in its released form (never the solutions or hidden tests: those live only in ``solutions/``, which the site never
+reads), the results page (the README's measured tables, and ``dgm results`` of a local ``runs/`` folder when there is
+one), and the API reference. Every notebook page starts with the Colab badge and a link that downloads the notebook as
+committed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import nbformat
+
+import dgmlib
+from dgmlib import colab
+
+__all__ = ["API_MODULES", "build_site", "execution_key", "executed_notebook", "default_cache"]
+
+# The modules of the API reference: every public module of dgmlib.
+API_MODULES = ("autoregressive", "flows", "revnet", "dequantization", "vae", "vq", "ode", "cnf", "diffusion", "data",
+               "train", "units", "plots", "device", "config", "models", "results", "colab", "site", "cli", "grading")
+MODES = ("fast", "full")
+
+_BADGE_SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="117" height="20" role="img" aria-label="Open in Colab">
+<rect width="117" height="20" rx="3" fill="#555"/><rect x="40" width="77" height="20" rx="3" fill="#f9ab00"/>
+<rect x="40" width="6" height="20" fill="#f9ab00"/>
+<text x="20" y="14" fill="#fff" font-family="Verdana,sans-serif" font-size="11" text-anchor="middle">open</text>
+<text x="78" y="14" fill="#000" font-family="Verdana,sans-serif" font-size="11" text-anchor="middle">in Colab</text>
+</svg>
+"""
+
+
+def default_cache() -> Path:
+    """Where executed notebooks are kept: ``$DGM_SITE_CACHE``, else ``build/site-cache`` under the current folder."""
+    return Path(os.environ.get("DGM_SITE_CACHE", "build/site-cache"))
+
+
+def execution_key(notebook: str | Path, mode: str) -> str:
+    """A hash of the notebook's bytes, every ``.py`` file of dgmlib (but this one) and the mode: 16 hex digits.
+
+    Raises:
+        ValueError: for a mode other than "fast" or "full".
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    digest = hashlib.sha256(Path(notebook).read_bytes())
+    package = Path(dgmlib.__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        if source.name == "site.py":  # the site's builder never runs inside a notebook
+            continue
+        digest.update(str(source.relative_to(package)).encode())
+        digest.update(source.read_bytes())
+    digest.update(mode.encode())
+    return digest.hexdigest()[:16]
+
+
+def executed_notebook(path: str | Path, cache: str | Path | None = None, mode: str = "fast", timeout: int = 600,
+                      cwd: str | Path | None = None, refresh: bool = False) -> tuple[nbformat.NotebookNode, bool]:
+    """The notebook at ``path`` with the outputs of one execution, from the cache or executed now (then cached).
+
+    The execution runs with ``DGM_FAST=1`` (mode "fast") or ``DGM_FAST=0`` ("full") in ``cwd`` (default: a fresh
+    folder in the cache) and records in ``metadata["dgm_execution"]`` the mode, the device dgmlib chose, the date, the
+    seconds it took and the key (``execution_key``). A cached notebook is used only if its key matches, and never with
+    ``refresh`` (the lecture tests execute every time, then leave their result for the site).
+
+    Returns:
+        ``(notebook, from_cache)``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist. ValueError: for an unknown mode.
+        nbclient's CellExecutionError: if a cell fails (nothing is cached then).
+    """
+    from nbclient import NotebookClient
+
+    from dgmlib.device import default_device
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no notebook at {path}")
+    key = execution_key(path, mode)
+    cache = Path(cache) if cache is not None else default_cache()
+    cached = cache / f"{path.stem}-{mode}-{key}.ipynb"
+    if cached.is_file() and not refresh:
+        return nbformat.read(cached, as_version=4), True
+    nb = nbformat.read(path, as_version=4)
+    workdir = Path(cwd) if cwd is not None else cache / "work" / path.stem
+    workdir.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get("DGM_FAST")
+    os.environ["DGM_FAST"] = "1" if mode == "fast" else "0"  # the kernel inherits the environment
+    start = time.perf_counter()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    finally:
+        if previous is None:
+            os.environ.pop("DGM_FAST", None)
+        else:
+            os.environ["DGM_FAST"] = previous
+    nb.metadata["dgm_execution"] = {"mode": mode, "device": str(default_device()),
+                                    "date": datetime.date.today().isoformat(),
+                                    "seconds": round(time.perf_counter() - start, 1), "key": key}
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(".partial")
+    nbformat.write(nb, partial)
+    partial.replace(cached)  # never a half-written entry
+    return nb, False
+
+
+# --------------------------------------------------------------------------- pages
+
+
+def _links(page: str, source: str, note: str) -> str:
+    """The Colab badge, the download link and a note, as Markdown for the top of a notebook page. ``page`` is the
+    page's path in the site (``lectures/01_autoregressive.ipynb``), ``source`` the notebook's path in the repository."""
+    up = "../" * page.count("/")
+    return (f'<p class="dgm-links"><a href="{colab.colab_url(source)}"><img src="{up}_static/colab-badge.svg" '
+            f'alt="Open in Colab"></a> &nbsp; <a href="{up}_static/notebooks/{source}" download>Download the notebook</a> '
+            f"(as committed, without outputs)</p>\n\n{note}\n")
+
+
+def _add_links(nb: nbformat.NotebookNode, links: str) -> None:
+    """Put ``links`` under the notebook's title (the first line of its first markdown cell that opens with ``# ``), or
+    in a cell of their own at the top."""
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.lstrip().startswith("# "):
+            title, _, rest = cell.source.lstrip().partition("\n")
+            cell.source = f"{title}\n\n{links}\n{rest}"
+            return
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(links))
+
+
+def _execution_note(nb: nbformat.NotebookNode) -> str:
+    run = nb.metadata.get("dgm_execution", {})
+    if run.get("mode") == "full":
+        what = "**full mode** (the full-size runs)"
+    else:
+        what = ("**fast mode** (`DGM_FAST=1`: small networks and seconds of training, as in CI; the numbers are not the "
+                "course's results, which the text quotes and the results page lists)")
+    return (f"*The outputs below are from one execution of this notebook in {what} on {run.get('device', '?')}, "
+            f"{run.get('date', '?')}, {run.get('seconds', '?')} s.*")
+
+
+def _readme_section(readme: str, heading: str) -> str:
+    """The text of a README section from its heading line to the next heading of the same or a higher level."""
+    level = len(heading) - len(heading.lstrip("#"))
+    lines = readme.splitlines()
+    try:
+        start = lines.index(heading)
+    except ValueError as err:
+        raise ValueError(f"README.md has no {heading!r} section") from err
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith("#") and len(lines[i]) - len(lines[i].lstrip("#")) <= level), len(lines))
+    return "\n".join(lines[start + 1:end]).strip() + "\n"
+
+
+def _syllabus_page(readme: str, lectures: Sequence[str], assignments: Sequence[str]) -> str:
+    intro = readme.split("\n## ", 1)[0]
+    title, _, rest = intro.partition("\n")
+    syllabus = _readme_section(readme, "## Syllabus")
+    # the README's Colab badges point at the shields image online; the site serves its own
+    syllabus = syllabus.replace("https://colab.research.google.com/assets/colab-badge.svg", "_static/colab-badge.svg")
+    toctrees = [("Lectures", [f"lectures/{n}" for n in lectures]),
+                ("Assignments", [f"assignments/{n}/{n}" for n in assignments]),
+                ("Results and reference", ["results", "api/index"])]
+    trees = "\n".join(f"```{{toctree}}\n:caption: {caption}\n:maxdepth: 1\n\n" + "\n".join(entries) + "\n```\n"
+                      for caption, entries in toctrees)
+    return (f"{title.strip()}\n\n{rest.strip()}\n\n## Syllabus\n\n{syllabus}\n"
+            "Every lecture page shows the outputs of one execution of its notebook; every assignment page is the "
+            "released notebook (the solutions and hidden tests are not published).\n\n" + trees)
+
+
+def _results_page(readme: str, runs: Path | None, static: Path) -> str:
+    from dgmlib.results import collect, results_figure, results_markdown
+
+    parts = ["# Results\n"]
+    rows = collect(runs) if runs is not None and runs.is_dir() else []
+    if rows:
+        results_figure(rows).savefig(static / "results.png", dpi=110, bbox_inches="tight")
+        parts += [f"## Runs in `{runs}` (`dgm results {runs} --details`)\n", results_markdown(rows, details=True),
+                  "\n![test NLL against training time](_static/results.png)\n"]
+    parts += ["## The course's measured results (from the README)\n", _readme_section(readme, "### Results")]
+    return "\n".join(parts)
+
+
+def _api_pages(api: Path) -> None:
+    api.mkdir(parents=True, exist_ok=True)
+    (api / "index.md").write_text("# API reference\n\nGenerated from the docstrings of `dgmlib`.\n\n```{toctree}\n"
+                                  ":maxdepth: 1\n\n" + "\n".join(API_MODULES) + "\n```\n")
+    for name in API_MODULES:
+        (api / f"{name}.md").write_text(f"# `dgmlib.{name}`\n\n```{{eval-rst}}\n.. automodule:: dgmlib.{name}\n"
+                                        "   :members:\n   :show-inheritance:\n```\n")
+
+
+_CONF = '''\
+project = "Deep Generative Models"
+author = "the course"
+extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax"]
+myst_enable_extensions = ["dollarmath", "amsmath", "html_image"]
+myst_heading_anchors = 3
+nb_execution_mode = "off"  # the outputs stored in the notebooks are shown; nothing is executed
+nb_merge_streams = True
+html_theme = "alabaster"
+html_theme_options = {"page_width": "1200px", "sidebar_width": "260px"}
+html_static_path = ["_static"]
+html_css_files = ["dgm.css"]
+html_sidebars = {"**": ["about.html", "navigation.html", "searchbox.html"]}
+mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"  # MathJax 2, served by the site itself
+mathjax2_config = {  # typeset only what MyST marks as math, with the fonts jupyter-server-mathjax ships
+    "tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]], "processEscapes": True,
+                "processClass": "math|output_area", "ignoreClass": "tex2jax_ignore|mathjax_ignore|document"},
+    "HTML-CSS": {"availableFonts": [], "webFont": "STIX-Web", "imageFont": None},
+    "SVG": {"font": "STIX-Web"}, "messageStyle": "none"}
+myst_update_mathjax = False  # MyST's own setting is for MathJax 3
+exclude_patterns = ["_build", "**/.ipynb_checkpoints"]
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+napoleon_use_ivar = True  # "Attributes:" sections as fields, not a second description of each attribute
+suppress_warnings = ["myst.header", "myst.xref_missing", "misc.highlighting_failure"]
+'''
+_CSS = """.dgm-links img { vertical-align: middle; }
+div.cell_output img { max-width: 100%; height: auto; }
+div.body { max-width: none; }
+"""
+
+
+def build_site(out: str | Path = "build/site", root: str | Path = ".", mode: str = "fast", runs: str | Path | None = "runs",
+               cache: str | Path | None = None, log: str | Path | None = None) -> Path:
+    """Build the website into ``out`` and return the path of its ``index.html``.
+
+    Lectures get the outputs of ``executed_notebook`` (cached, or executed now in ``mode``); assignments are the
+    released notebooks of ``assignments/`` as committed. The sources are staged in a temporary folder, then
+    ``sphinx-build -b html`` writes the pages to ``out`` (its warnings to ``log``, default ``out/../NAME-sphinx.log``).
+
+    Args:
+        out: the output folder (emptied first). root: the repository (README.md, lectures/, assignments/).
+        mode: "fast" or "full" execution for lectures not in the cache. runs: a folder of ``dgm train`` runs for the
+            results page (skipped if missing). cache: the execution cache (default ``default_cache()``).
+
+    Raises:
+        FileNotFoundError: if ``root`` lacks README.md, lectures/ or assignments/. ValueError: for an unknown mode.
+        RuntimeError: if Sphinx fails (its log is named).
+    """
+    from sphinx.cmd.build import build_main
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    root, out = Path(root).resolve(), Path(out).resolve()
+    for needed in ("README.md", "lectures", "assignments"):
+        if not (root / needed).exists():
+            raise FileNotFoundError(f"{root} has no {needed}: run dgm site from the repository's root or pass --root")
+    cache = Path(cache) if cache is not None else default_cache()
+    cache = cache if cache.is_absolute() else root / cache
+    if out.exists():
+        shutil.rmtree(out)
+    work = Path(tempfile.mkdtemp(prefix="dgm-site-"))
+    src = work / "source"
+    static = src / "_static"
+    (static / "notebooks").mkdir(parents=True)
+    readme = (root / "README.md").read_text()
+
+    lectures = sorted(p.stem for p in (root / "lectures").glob("*.ipynb"))
+    (src / "lectures").mkdir()
+    for name in lectures:
+        source = f"lectures/{name}.ipynb"
+        nb, _ = executed_notebook(root / source, cache, mode)
+        _add_links(nb, _links(source, source, _execution_note(nb)))
+        nbformat.write(nb, src / source)
+        (static / "notebooks" / "lectures").mkdir(exist_ok=True)
+        shutil.copy(root / source, static / "notebooks" / source)
+    assignments = sorted(p.name for p in (root / "assignments").iterdir() if p.is_dir())
+    for name in assignments:
+        (src / "assignments" / name).mkdir(parents=True)
+        (static / "notebooks" / "assignments" / name).mkdir(parents=True)
+        for path in sorted((root / "assignments" / name).glob("*.ipynb")):
+            source = f"assignments/{name}/{path.name}"
+            nb = nbformat.read(path, as_version=4)
+            _add_links(nb, _links(source, source, "*The released assignment: write your code where it says "
+                                                  "`YOUR CODE HERE`, then check it with `nbgrader validate`.*"))
+            nbformat.write(nb, src / source)
+            shutil.copy(path, static / "notebooks" / source)
+
+    (src / "index.md").write_text(_syllabus_page(readme, lectures, assignments))
+    (src / "results.md").write_text(_results_page(readme, Path(runs) if runs is not None else None, static))
+    _api_pages(src / "api")
+    (src / "conf.py").write_text(_CONF)
+    (static / "dgm.css").write_text(_CSS)
+    (static / "colab-badge.svg").write_text(_BADGE_SVG)
+    import jupyter_server_mathjax
+
+    shutil.copytree(Path(jupyter_server_mathjax.__file__).parent / "static", static / "mathjax")
+
+    log = Path(log) if log is not None else out.parent / f"{out.name}-sphinx.log"
+    code = build_main(["-b", "html", "-q", "-w", str(log), "-d", str(work / "doctrees"), str(src), str(out)])
+    if code != 0:
+        raise RuntimeError(f"sphinx-build failed (exit {code}); see {log} and the sources in {src}")
+    shutil.rmtree(work)
+    return out / "index.html"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``dgm site``'s body, for ``python -m dgmlib.site`` too."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dgm site", description="build the course website")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser) -> None:
+    """The options of ``dgm site``."""
+    parser.add_argument("--out", default="build/site", help="output folder (default: build/site)")
+    parser.add_argument("--root", default=".", help="the repository (default: .)")
+    parser.add_argument("--mode", choices=MODES, default="fast",
+                        help="how lectures not in the cache are executed: fast (DGM_FAST=1) or full (for a GPU)")
+    parser.add_argument("--runs", default="runs", help="runs for the results page (default: runs, if it exists)")
+    parser.add_argument("--cache", default=None, help="executed notebooks (default: $DGM_SITE_CACHE or build/site-cache)")
+
+
+def run(args) -> int:
+    """Build the site from parsed ``args`` and print where it is and how long it took."""
+    start = time.perf_counter()
+    index = build_site(args.out, args.root, args.mode, args.runs, args.cache)
+    print(f"site: {index} ({time.perf_counter() - start:.1f} s); open it in a browser, or serve it with "
+          f"`python -m http.server -d {index.parent}`")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
