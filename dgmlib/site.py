@@ -129,10 +129,10 @@ def executed_notebook(path: str | Path, cache: str | Path | None = None, mode: s
 # --------------------------------------------------------------------------- pages
 
 
-def _links(page: str, source: str, note: str) -> str:
-    """The Colab badge, the download link and a note, as Markdown for the top of a notebook page. ``page`` is the
-    page's path in the site (``lectures/01_autoregressive.ipynb``), ``source`` the notebook's path in the repository."""
-    up = "../" * page.count("/")
+def _links(source: str, note: str) -> str:
+    """The Colab badge, the download link and a note, as Markdown for the top of the page of the notebook ``source``
+    (its path in the repository and in the site, e.g. ``lectures/01_autoregressive.ipynb``)."""
+    up = "../" * source.count("/")
     return (f'<p class="dgm-links"><a href="{colab.colab_url(source)}"><img src="{up}_static/colab-badge.svg" '
             f'alt="Open in Colab"></a> &nbsp; <a href="{up}_static/notebooks/{source}" download>Download the notebook</a> '
             f"(as committed, without outputs)</p>\n\n{note}\n")
@@ -195,9 +195,14 @@ def _results_page(readme: str, runs: Path | None, static: Path) -> str:
     parts = ["# Results\n"]
     rows = collect(runs) if runs is not None and runs.is_dir() else []
     if rows:
-        results_figure(rows).savefig(static / "results.png", dpi=110, bbox_inches="tight")
-        parts += [f"## Runs in `{runs}` (`dgm results {runs} --details`)\n", results_markdown(rows, details=True),
-                  "\n![test NLL against training time](_static/results.png)\n"]
+        parts += [f"## Runs in `{runs}` (`dgm results {runs} --details`)\n", results_markdown(rows, details=True)]
+        if any("test_nll_nats" in r and "train_seconds" in r for r in rows):
+            import matplotlib.pyplot as plt
+
+            figure = results_figure(rows)
+            figure.savefig(static / "results.png", dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            parts.append("\n![test NLL against training time](_static/results.png)\n")
     parts += ["## The course's measured results (from the README)\n", _readme_section(readme, "### Results")]
     return "\n".join(parts)
 
@@ -283,7 +288,7 @@ def build_site(out: str | Path = "build/site", root: str | Path = ".", mode: str
     for name in lectures:
         source = f"lectures/{name}.ipynb"
         nb, _ = executed_notebook(root / source, cache, mode)
-        _add_links(nb, _links(source, source, _execution_note(nb)))
+        _add_links(nb, _links(source, _execution_note(nb)))
         nbformat.write(nb, src / source)
         (static / "notebooks" / "lectures").mkdir(exist_ok=True)
         shutil.copy(root / source, static / "notebooks" / source)
@@ -294,8 +299,8 @@ def build_site(out: str | Path = "build/site", root: str | Path = ".", mode: str
         for path in sorted((root / "assignments" / name).glob("*.ipynb")):
             source = f"assignments/{name}/{path.name}"
             nb = nbformat.read(path, as_version=4)
-            _add_links(nb, _links(source, source, "*The released assignment: write your code where it says "
-                                                  "`YOUR CODE HERE`, then check it with `nbgrader validate`.*"))
+            _add_links(nb, _links(source, "*The released assignment: write your code where it says `YOUR CODE HERE`, "
+                                          "then check it with `nbgrader validate`.*"))
             nbformat.write(nb, src / source)
             shutil.copy(path, static / "notebooks" / source)
 

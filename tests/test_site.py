@@ -26,7 +26,9 @@ from dgmlib import site
 from dgmlib.cli import main
 from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, secret_lines
 
-pytestmark = pytest.mark.notebook
+# Sphinx and MyST-NB warn about their own deprecations (Sphinx 11) on every page: not ours to fix
+pytestmark = [pytest.mark.notebook, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")]
 
 LECTURES = sorted(p.stem for p in (ROOT / "lectures").glob("*.ipynb"))
 CACHE = ROOT / "build" / "site-cache"  # where test_notebooks leaves the executed lectures
