@@ -82,7 +82,8 @@ def executed_notebook(path: str | Path, cache: str | Path | None = None, mode: s
     The execution runs with ``DGM_FAST=1`` (mode "fast") or ``DGM_FAST=0`` ("full") in ``cwd`` (default: a fresh
     folder in the cache) and records in ``metadata["dgm_execution"]`` the mode, the device dgmlib chose, the date, the
     seconds it took and the key (``execution_key``). A cached notebook is used only if its key matches, and never with
-    ``refresh`` (the lecture tests execute every time, then leave their result for the site).
+    ``refresh`` (the lecture tests execute every time, then leave their result for the site). A new entry replaces
+    the older ones of the same notebook and mode.
 
     Returns:
         ``(notebook, from_cache)``.
@@ -123,6 +124,9 @@ def executed_notebook(path: str | Path, cache: str | Path | None = None, mode: s
     partial = cached.with_suffix(".partial")
     nbformat.write(nb, partial)
     partial.replace(cached)  # never a half-written entry
+    for stale in cache.glob(f"{path.stem}-{mode}-*.ipynb"):  # one entry per notebook and mode: the newest
+        if stale != cached:
+            stale.unlink()
     return nb, False
 
 

@@ -218,6 +218,19 @@ def test_the_pages_workflow_builds_the_site_with_dgm_site():
     assert spec["permissions"]["pages"] == "write" and spec["permissions"]["id-token"] == "write"
 
 
+def test_the_execution_cache_is_keyed_on_the_notebook(tmp_path):
+    """A notebook is executed once per content and mode; an edit executes it again and replaces the old entry."""
+    path, cache = tmp_path / "tiny.ipynb", tmp_path / "cache"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nprint(os.environ['DGM_FAST'])")]),
+                   path)
+    nb, cached = site.executed_notebook(path, cache, "full")
+    assert not cached and nb.cells[0].outputs[0]["text"].strip() == "0" and nb.metadata["dgm_execution"]["mode"] == "full"
+    assert site.executed_notebook(path, cache, "full")[1]  # the second time from the cache
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1 + 1)")]), path)
+    nb, cached = site.executed_notebook(path, cache, "full")
+    assert not cached and nb.cells[0].outputs[0]["text"].strip() == "2"
+    assert len(list(cache.glob("tiny-full-*.ipynb"))) == 1
+
 def test_dgm_site_reports_a_wrong_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="README.md"):
         site.build_site(tmp_path / "out", root=tmp_path)
