@@ -114,7 +114,9 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             "DGM_CHECKER_SOCKET": str(private / "checker" / "socket"),  # the grader's checker (receipts)
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)),  # no oversubscription
         }
+        # the kernel is killed once its notebook has run (nbclient's graceful shutdown waits about 1.5 s for it)
         args = ["autograde", assignment, "--student", student, "--force", f"--Execute.timeout={cell_timeout}",
+                "--Execute.shutdown_kernel=immediate",
                 "--KernelManager.transport=ipc", f"--KernelManager.ip={private / 'sockets' / 'kernel'}"]
         if use_sandbox:
             args.append(f"--Execute.kernel_name={sandbox.KERNEL_NAME}")

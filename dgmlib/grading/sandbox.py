@@ -6,7 +6,9 @@ scratch folder (the kernel's working directory) and its private runtime folder f
 IPC sockets. It has no network (its own network namespace; the kernel talks over Unix sockets),
 its own PID namespace, and limits on CPU time, memory and output size.
 
-The kernelspec's argv is ``python -m dgmlib.grading.sandbox -f {connection_file}``; settings come
+The kernelspec's argv is ``python .../dgmlib/grading/sandbox.py -f {connection_file}``, this file run by path so
+that the launcher does not import ``dgmlib.grading`` (torch and every dgmlib module, about 2 s) only to exec
+bubblewrap; settings come
 from the environment that ``dgm grade`` sets: ``DGM_COURSE_ROOT``, ``DGM_SANDBOX_CPU_SECONDS``,
 ``DGM_SANDBOX_MEMORY_MB``, ``DGM_SANDBOX_OUTPUT_KB``. Where bubblewrap is missing (macOS,
 Windows), the kernel runs unsandboxed after a loud warning.
@@ -47,7 +49,7 @@ def write_kernelspec(directory: Path) -> Path:
     spec_dir = Path(directory) / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
-        "argv": [sys.executable, "-m", "dgmlib.grading.sandbox", "-f", "{connection_file}"],
+        "argv": [sys.executable, str(Path(__file__).resolve()), "-f", "{connection_file}"],  # by path: see the top
         "display_name": "Python 3 (DGM sandboxed grading)",
         "language": "python",
         # bwrap does not pass SIGINT into the PID namespace: interrupt with a message instead,
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     """Kernel launcher: apply the limits, then exec ipykernel inside bubblewrap."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-f" not in argv:
-        raise SystemExit("usage: python -m dgmlib.grading.sandbox -f CONNECTION_FILE [kernel args]")
+        raise SystemExit("usage: python sandbox.py -f CONNECTION_FILE [kernel args]")
     i = argv.index("-f")
     connection_file, kernel_args = argv[i + 1], argv[:i] + argv[i + 2:]
     cpu = int(os.environ.get("DGM_SANDBOX_CPU_SECONDS", DEFAULT_CPU_SECONDS))
