@@ -746,7 +746,20 @@ class VQVAE2(_PriorFlag, nn.Module):
         else:
             c_top = randint(0, self.num_codes, (n, *self.top_shape), device=device, generator=generator)
             c_bottom = randint(0, self.num_codes, (n, *self.bottom_shape), device=device, generator=generator)
-        logits = self._decode_codes(c_top, c_bottom.to(device), module_dtype(self))
+        return self.decode(c_top, c_bottom.to(device), generator, mean)
+
+    @torch.no_grad()
+    def decode(self, c_top: Tensor, c_bottom: Tensor, generator: torch.Generator | None = None,
+               mean: bool = True) -> Tensor:
+        """Images in [0, 1], ``(n, 1, H, W)``, for code maps ``c_top (n, *top_shape)`` and ``c_bottom (n, *bottom_shape)``:
+        the decoder's mean level (or a draw from ``p(y | e_top, e_bottom)``), divided by ``K_y - 1``.
+
+        Raises:
+            TypeError/ValueError: for non-integer codes or codes outside ``[0, K)``.
+        """
+        dtype = module_dtype(self)
+        logits = self.decode_logits(self.quant_top.quantize(c_top).to(dtype),  # quantize checks the codes
+                                    self.quant_bottom.quantize(c_bottom).to(dtype))
         y = _mean_levels(logits, self.num_levels) if mean else _draw_levels(logits, generator)
         return y / (self.num_levels - 1)
 

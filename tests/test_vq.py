@@ -558,3 +558,17 @@ def test_fitted_priors_evaluate_and_sample_on_meta(two_levels):
         assert model.nll(y).shape == (3,) and model.nll(y).device.type == "meta"
         assert model.sample(2).shape == (2, 1, 8, 8)
         assert model.sample(2, generator=torch.Generator().manual_seed(0)).device.type == "meta"
+
+
+def test_vqvae2_decodes_given_code_maps_as_its_sampler_does():
+    model = vq.VQVAE2((1, 8, 8), 17, num_codes=8, code_dim=4, channels=8, prior_channels=8).eval()
+    c_top = torch.randint(0, 8, (3, *model.top_shape))
+    c_bottom = torch.randint(0, 8, (3, *model.bottom_shape))
+    images = model.decode(c_top, c_bottom)
+    assert images.shape == (3, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    with torch.no_grad():
+        logits = model.decode_logits(model.quant_top.quantize(c_top), model.quant_bottom.quantize(c_bottom))
+    levels = torch.arange(17.0)[:, None, None]
+    torch.testing.assert_close(images, (logits.softmax(1) * levels).sum(1, keepdim=True) / 16)
+    with pytest.raises(ValueError, match="indices"):
+        model.decode(c_top, c_bottom + 8)
