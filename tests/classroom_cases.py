@@ -83,7 +83,7 @@ EXPECTED = {
             "honest": {"test_augmented": 2, "test_adjoint": 3, "test_hutchinson": 3, "test_ffjord": 2,
                          "test_model": 1, "test_nll": 3},
             "partial": {"test_augmented": 2, "test_adjoint": 3},
-            # FFJORD uses only the student's Hutchinson estimator and dgmlib's adjoint
+            # FFJORD uses only the student's Hutchinson estimator and torchdiffeq's adjoint
             "raises": {"test_hutchinson": 3, "test_ffjord": 2, "test_model": 1, "test_nll": 3},
         },
     },
@@ -493,6 +493,143 @@ def _relay():
         conn.sendall(struct.pack("<q", size) + _read(real, size))
 threading.Thread(target=_relay, daemon=True).start()
 """
+# --- attacks on the judge (issue 26), graded with the first assignment, a judged one ---
+# The shell hook that rewrites every test cell as IPython compiles it: the visible checks go, and the probe
+# exposes dgmlib's own answers in place of the student's (wrong) ones. The judge calls them in the kernel,
+# where the library is a stripped copy: they raise, and nothing earns a point.
+REWRITE_TESTS_CELL = """
+def _only_the_probe(lines):
+    if not any("grading.probe(" in line for line in lines):
+        return lines
+    return (["from dgmlib import grading\\n",
+             "from dgmlib.autoregressive import made_masks, MaskedConv2d, vertical_mask, horizontal_mask\\n"]
+            + [line for line in lines if line.startswith("grading.probe(")])
+get_ipython().input_transformers_post.append(_only_the_probe)
+"""
+# Forged probes: a thread that claims every test cell's judge and answers every request itself, and tells the
+# judge the test passed. A probe is judged only on the student's answers to the judge's own requests.
+FORGE_PROBE_CELL = """
+import os, socket, threading, time
+import torch
+from dgmlib.grading import wire
+_NAMES = ["test_made_masks", "test_made_causal", "test_mask_conv", "test_conv_causal", "test_stack_masks",
+          "test_gated_layer", "test_gated_causal", "test_blind_spot", "test_gated_normalised", "test_pixelcnn",
+          "test_nll"]
+def _forge():
+    path = os.environ.get("DGM_JUDGE_SOCKET")
+    while path:
+        for name in _NAMES:
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                wire.send(s, wire.encode({"op": "probe", "name": name, "exposed": ["made_masks", "model"]}))
+                wire.send(s, wire.encode({"op": "verdict", "passed": True}))
+                while True:
+                    request = wire.decode(wire.receive(s))
+                    if request.get("op") == "done":
+                        break
+                    wire.send(s, wire.encode({"ok": True, "value": [torch.ones(3, 3)] * 4, "passed": True}))
+            except Exception:
+                pass
+        time.sleep(0.02)
+threading.Thread(target=_forge, daemon=True).start()
+"""
+# Reading the instructor's files from inside the kernel: the solutions and the judge next to the installed
+# dgmlib (an editable install from the instructor's checkout) or anywhere on the file system, then running
+# every solution cell found. The kernel sees no such file: the wrong answers stay.
+READ_SOLUTIONS_CELL = """
+import json, os
+import dgmlib
+_roots = [os.path.dirname(os.path.dirname(os.path.abspath(dgmlib.__file__))), os.environ.get("DGM_COURSE_ROOT", "/")]
+_found = []
+for _top in _roots + ["/"]:
+    for _dir, _subdirs, _files in os.walk(_top):
+        _subdirs[:] = [d for d in _subdirs if d not in ("proc", "sys", "dev")]
+        _found += [os.path.join(_dir, f) for f in _files if "solutions" in _dir and (f == "judge.py" or f.endswith(".ipynb"))]
+print("instructor files found:", len(_found))
+for _path in _found:
+    if _path.endswith(".ipynb"):
+        for _cell in json.load(open(_path))["cells"]:
+            if "BEGIN SOLUTION" in "".join(_cell["source"]):
+                try:
+                    exec("".join(_cell["source"]), globals())
+                except Exception:
+                    pass
+"""
+# Root escape: unmount the sandbox's tmpfs, remount the file system writable, make a new mount namespace,
+# and plant code where the grader will import it. Every attempt must fail.
+ESCAPE_CELL = """
+import ctypes, os, subprocess
+import dgmlib
+_libc = ctypes.CDLL(None, use_errno=True)
+_won = {"umount /tmp": _libc.umount2(b"/tmp", 2) == 0,
+        "unshare(CLONE_NEWNS)": _libc.unshare(0x00020000) == 0,
+        "unshare(CLONE_NEWUSER)": _libc.unshare(0x10000000) == 0}
+try:
+    _won["mount -o remount,rw /"] = subprocess.run(["mount", "-o", "remount,rw", "/"], capture_output=True).returncode == 0
+except OSError:
+    _won["mount -o remount,rw /"] = False
+for _target in (os.path.dirname(dgmlib.__file__), os.path.dirname(os.__file__), "/usr/lib", "/etc"):
+    try:
+        with open(os.path.join(_target, "dgm_planted.py"), "w") as _fh:
+            _fh.write("raise SystemExit('planted')")
+        _won["write " + _target] = True
+    except OSError:
+        _won["write " + _target] = False
+print("escape won:", sorted(k for k, v in _won.items() if v))
+"""
+# Links and FIFOs where the grader might read or write: the kernel's own folder, named like the notebook, the
+# gradebook and a classmate's notebook. The grader never reads the kernel's folder.
+PLANT_LINKS_CELL = """
+import os
+for _name, _target in (("NOTEBOOK", "../../honest/ASSIGNMENT/NOTEBOOK"), ("gradebook.db", "../../../gradebook.db"),
+                       ("feedback", "../../../feedback"), ("honest.ipynb", "/proc/self/fd/0")):
+    try:
+        os.symlink(_target, _name)
+    except OSError:
+        pass
+for _name in ("fifo.ipynb", "NOTEBOOK.fifo"):
+    try:
+        os.mkfifo(_name)
+    except OSError:
+        pass
+print("planted:", sorted(os.listdir(".")))
+"""
+# Output of every kind: a 5 MB display and a 20 MB cell result (not a printed stream).
+HUGE_RESULT_CELL = """
+from IPython.display import HTML, display
+display(HTML("<b>" + "x" * 5_000_000 + "</b>"))
+"y" * 20_000_000
+"""
+# A trained model whose own methods lie: its nll says 0 nats for every image (so the visible check in the
+# kernel passes), while its parameters, in the instructed layout, were never trained. The judge loads the
+# parameters into the reference architecture and measures the NLL itself.
+LYING = {
+    "hw1_autoregressive": """
+def _mask(k, kind):
+    m = torch.ones(k, k)
+    m[k // 2, k // 2 + (kind == "B"):] = 0
+    m[k // 2 + 1:] = 0
+    return m
+def _conv(cin, cout, k, kind):
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2)
+    conv.register_buffer("mask", _mask(k, kind))
+    return conv
+class _Lying(autoregressive.AutoregressiveModel):
+    def __init__(self):
+        super().__init__(images.shape, images.num_levels)
+        self.first = _conv(1, CHANNELS, 7, "A")
+        self.layers = nn.ModuleList([_conv(CHANNELS, CHANNELS, 3, "B") for _ in range(LAYERS)])
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(CHANNELS, CHANNELS, 1), nn.ReLU(),
+                                  nn.Conv2d(CHANNELS, images.num_levels, 1))
+    def nll(self, y, labels=None):
+        return torch.zeros(len(y))
+    def log_prob(self, y, labels=None):
+        return torch.zeros(len(y))
+model = _Lying()
+history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
+}
 ATTACKS = {
     "hide_errors": (HIDE_ERRORS_CELL, "wrong"),
     "swap_grading": (SWAP_GRADING_CELL, "wrong"),
@@ -506,6 +643,13 @@ ATTACKS = {
     "relay_checker": (RELAY_CELL, "wrong"),
     "huge_output": ("for i in range(200_000):\n    print('spam ' * 40)", "blank"),
     "edited_tests": (None, "wrong"),
+    "rewrite_tests": (REWRITE_TESTS_CELL, "wrong"),
+    "forge_probe": (FORGE_PROBE_CELL, "wrong"),
+    "read_solutions": (READ_SOLUTIONS_CELL, "wrong"),
+    "escape": (ESCAPE_CELL, "wrong"),
+    "plant_links": (PLANT_LINKS_CELL, "wrong"),
+    "huge_result": (HUGE_RESULT_CELL, "blank"),
+    "lying_model": (None, "lying"),
 }
 # Attacks that leave no passing receipt for any test cell: stopped by the receipts alone, before the review.
 RECEIPT_ATTACKS = ("hide_errors", "swap_grading", "forge_channel")
@@ -513,13 +657,16 @@ RECEIPT_ATTACKS = ("hide_errors", "swap_grading", "forge_channel")
 # so the outcome cannot depend on the assignment. They are graded with the first assignment only
 # (the infinite loop alone holds a grading slot for the whole cell timeout); the attacks on the
 # tests (tampering, edited tests) are graded with every assignment, against its own wrong answers.
-GRADER_ATTACKS = ("delete", "infinite_loop", "kill_kernel", "huge_output", "relay_checker")
+GRADER_ATTACKS = ("delete", "infinite_loop", "kill_kernel", "huge_output", "relay_checker", "plant_links", "huge_result")
+# Attacks on the judge (a judged first assignment): forged probes, test cells rewritten to expose the reference,
+# the instructor's files read from inside, a root escape, a model whose methods lie about its NLL.
+JUDGE_ATTACKS = ("rewrite_tests", "forge_probe", "read_solutions", "escape", "lying_model")
 # Graded with the first assignment only: the attacks on the grader, and those on the receipts. A receipt attack
 # (errors swallowed, a stand-in grading module, a forged channel) leaves no passing receipt whatever the answers, so
 # what it needs from an assignment is only that every test cell makes a check through dgmlib.grading, which
 # test_grading_security.test_every_test_cell_makes_a_check asserts for every assignment. Each costs a kernel
 # (about 10 s), so grading them once keeps the suite under its 15 minutes as assignments are added.
-FIRST_ASSIGNMENT_ONLY = GRADER_ATTACKS + RECEIPT_ATTACKS
+FIRST_ASSIGNMENT_ONLY = GRADER_ATTACKS + RECEIPT_ATTACKS + JUDGE_ATTACKS
 
 
 def _build_submission(release, source, answers: str, assignment: str, attack_cell: str | None, edit_tests: bool):
@@ -534,9 +681,12 @@ def _build_submission(release, source, answers: str, assignment: str, attack_cel
                 cell.source = WRONG[assignment][meta["grade_id"]]
             elif answers == "reference" and meta["grade_id"] == REFERENCE[assignment][0]:
                 cell.source = REFERENCE[assignment][1]
+            elif answers == "lying":
+                cell.source = LYING[assignment] if meta["grade_id"] == "train" else WRONG[assignment][meta["grade_id"]]
         if edit_tests and meta.get("grade") and not meta.get("solution"):
             cell.source = "pass  # tests removed"
     if attack_cell:
+        attack_cell = attack_cell.replace("NOTEBOOK", f"{assignment}.ipynb").replace("ASSIGNMENT", assignment)
         first_solution = next(i for i, c in enumerate(nb.cells) if nbg(c).get("solution"))
         nb.cells.insert(first_solution, new_code_cell(attack_cell))
     return nb

@@ -22,13 +22,14 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from classroom_cases import (ATTACKS, EXPECTED, FIRST_ASSIGNMENT_ONLY, GRADER_ATTACKS, RECEIPT_ATTACKS,
+from classroom_cases import (ATTACKS, EXPECTED, FIRST_ASSIGNMENT_ONLY, GRADER_ATTACKS, JUDGE_ATTACKS, RECEIPT_ATTACKS,
                              attack_submission, pipeline_submission)
 from dgmlib.cli import main
 from dgmlib.grading import classroom, sandbox
 from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points, secret_lines
 
 HAS_BWRAP = sandbox.bwrap_path() is not None
+JUDGED = {name for name in ASSIGNMENTS if (ROOT / "solutions" / name / "judge.py").exists()}
 
 pytestmark = pytest.mark.notebook
 
@@ -85,10 +86,12 @@ def test_grading_a_class(tmp_path, name):
     student's own words), the blank release, a partial submission, one whose cell raises, and one
     submission per attack on the assignment's tests (a wrapped reference answer, patched torch, edited
     tests); for the first assignment also the attacks on the receipts (hidden errors, a swapped grading
-    module, a forged checker channel: they leave no passing receipt whatever the assignment) and on the
-    grader (deleting the course, an endless loop, killing the kernel, flooding the output, a relay in
-    front of the checker). They are graded together, 2 at a time, with the instructor's command as the
-    README gives it.
+    module, a forged checker channel: they leave no passing receipt whatever the assignment), on the
+    judge (test cells rewritten by a shell hook, forged probes, the instructor's files read from inside,
+    a root escape, a model that lies about its NLL) and on the grader (deleting the course, an endless
+    loop, killing the kernel, flooding the output of every kind, a relay in front of the checker, links
+    and FIFOs planted where the grader writes, and submissions that are a FIFO or a link). They are
+    graded together, 2 at a time, with the instructor's command as the README gives it.
     """
     course = make_course(tmp_path / "course")
     spec = EXPECTED[name]
@@ -105,6 +108,14 @@ def test_grading_a_class(tmp_path, name):
         folder = course / "submitted" / student / name
         folder.mkdir(parents=True)
         nbformat.write(nb, folder / notebook_file.name)
+    broken = {}  # submissions that are not a regular file: each fails alone, the class is graded
+    if grader_attacks:
+        for student in ("fifo", "symlink"):
+            folder = course / "submitted" / student / name
+            folder.mkdir(parents=True)
+            broken[student] = folder / notebook_file.name
+        os.mkfifo(broken["fifo"])
+        broken["symlink"].symlink_to(course / "submitted" / "honest" / name / notebook_file.name)
 
     # The cell timeout bounds the endless loop (the first assignment, hw1); its slowest cell needs under 10 s on a
     # quiet machine.
@@ -113,6 +124,8 @@ def test_grading_a_class(tmp_path, name):
     reported = json.loads((course / "reports" / f"{name}.json").read_text())
     results = {r["student"]: classroom.StudentResult(**r) for r in reported}
     report = classroom.format_report(name, list(results.values()))
+    for student in broken:
+        assert "not a regular file" in results.pop(student).failure, report
 
     # exact per-cell scores in the gradebook (a flagged submission's manual override of 0 included)
     from nbgrader.api import Gradebook
@@ -148,11 +161,16 @@ def test_grading_a_class(tmp_path, name):
             assert sorted(u.split(" (")[0] for u in results[attack].unverified) == sorted(auto_cells), report
     # ... and the review flags every attacker, the reference answer by its name
     for attack in attacks:
-        if attack not in GRADER_ATTACKS and attack != "edited_tests":
+        if attack not in GRADER_ATTACKS and attack not in ("edited_tests", "lying_model"):
             assert results[attack].flagged, f"{attack} was not flagged\n{report}"
     assert any("an answer of this assignment" in f for f in results["reference"].flagged), report
-    # the wrapped reference passes the tests of its own cell with genuine receipts: the review stops it
-    assert results["reference"].autograded_before_review > 0, report
+    if name in JUDGED:
+        # the kernel's dgmlib is stripped of the answers: the wrapped reference raises, the judge gives nothing
+        assert results["reference"].autograded_before_review == 0, report
+        assert any("RuntimeError" in c for c in results["reference"].crashed), report
+    else:
+        # the wrapped reference passes the tests of its own cell with genuine receipts: the review stops it
+        assert results["reference"].autograded_before_review > 0, report
     # copies are reported, never zeroed: the solution itself, and the blank release copies nothing
     assert any(s.startswith(f"solutions/{name} ") for s in results["honest"].similar), report
     assert not results["blank"].similar, report
@@ -167,11 +185,26 @@ def test_grading_a_class(tmp_path, name):
         assert any("NotImplementedError" in c for c in results["huge_output"].crashed)
         flood = (course / "autograded" / "huge_output" / name / notebook_file.name).read_text()
         assert len(flood) < 2_000_000  # the huge output was cut in the autograded notebook
+        # a 5 MB display and a 20 MB cell result: every kind of output is capped by the grader
+        assert (course / "autograded" / "huge_result" / name / notebook_file.name).stat().st_size < 3_000_000
+        assert "escape won: []" in _printed(course, "escape", name, notebook_file.name), report
+        assert "instructor files found: 0" in _printed(course, "read_solutions", name, notebook_file.name), report
+        assert "planted: [" in _printed(course, "plant_links", name, notebook_file.name), report
+        assert not list(Path(classroom.__file__).parents[1].rglob("dgm_planted.py"))  # nothing planted in dgmlib
+        assert os.access(course / "gradebook.db", os.W_OK)
+        assert any(u.startswith("test_nll (judge: exact test NLL") for u in results["lying_model"].unverified), report
     # the gradebook, the solutions and everyone's files survived
     assert (course / "gradebook.db").exists() and (course / "solutions" / name / notebook_file.name).exists()
     for student in submissions:
         assert nbformat.read(course / "submitted" / student / name / notebook_file.name, as_version=4).cells
     assert nbformat.read(course / "autograded" / "honest" / name / notebook_file.name, as_version=4).cells
+
+
+def _printed(course: Path, student: str, name: str, notebook: str) -> str:
+    """Everything the graded notebook of ``student`` shows as text (streams and results)."""
+    nb = json.loads((course / "autograded" / student / name / notebook).read_text())
+    return "".join("".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+                   for cell in nb["cells"] for out in cell.get("outputs", []))
 
 
 @pytest.mark.parametrize("name", ASSIGNMENTS)

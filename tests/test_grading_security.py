@@ -9,7 +9,9 @@ each assignment's honest, partial and broken submissions and its attackers are g
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 from dgmlib import grading
-from dgmlib.grading import classroom, receipts, review, sandbox, similarity
+from dgmlib.grading import classroom, limits, receipts, review, sandbox, similarity, strip, untrusted
 
 from classroom_cases import EXPECTED, pipeline_submission
 from nbhelpers import ASSIGNMENTS, ROOT, make_course
@@ -352,21 +354,26 @@ def test_sandbox_hides_the_course_and_the_network(tmp_path):
     checker = tmp_path / "checker"
     checker.mkdir()
     (checker / "socket").write_text("stands for the grader's socket")
-    cmd = sandbox.bwrap_command(str(conn), [], str(work), str(course), sandbox.bwrap_path(), str(checker / "socket"))
-    python = cmd.index(sys.executable)
     probe = ("import os, socket, dgmlib.grading.limits\n"  # the kernel's own imports must work in there
              f"try:\n    os.rename('{checker / 'socket'}', '{checker / 'moved'}')\n"
              "except OSError:\n    pass\nelse:\n    print('moved the checker socket')\n"
              "print(sorted(os.listdir('../../..')))\n"
-             "open('../../../gradebook.db', 'w').write('gone')\n"
+             "try:\n    open('../../../gradebook.db', 'w').write('gone')\nexcept OSError:\n    pass\n"
              "open('mine.txt', 'w').write('ok')\n"
              "try:\n    socket.create_connection(('127.0.0.1', 22), timeout=2); print('net')\n"
              "except OSError:\n    print('no net')\n")
-    out = subprocess.run(cmd[:python] + [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    fds: list[int] = []
+    try:
+        cmd = sandbox.bwrap_command(str(conn), [], str(work), str(course), sandbox.bwrap_path(),
+                                    str(checker / "socket"), fds=fds, command=[sys.executable, "-c", probe])
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["['autograded']", "no net"]
-    assert (course / "gradebook.db").read_text() == "grades"  # the write went to a throw-away tmpfs
-    assert (work / "mine.txt").read_text() == "ok"
+    assert (course / "gradebook.db").read_text() == "grades"  # the course is not there: nothing to write to
+    assert not (work / "mine.txt").exists()  # the working folder is a throw-away tmpfs, never read back
 
 
 def test_sandbox_keeps_the_checker_apart(tmp_path):
@@ -381,6 +388,368 @@ def test_sandbox_needs_ipc(tmp_path):
     conn.write_text(json.dumps({"transport": "tcp", "ip": "127.0.0.1"}))
     with pytest.raises(ValueError, match="transport=ipc"):
         sandbox.bwrap_command(str(conn), [], str(tmp_path), None)
+
+
+# ---------------------------------------------------------------- least privilege (issue 26)
+
+_STATUS_PROBE = r"""
+import ctypes, json, os, platform, socket, sys
+from dgmlib.grading import sandbox
+libc = ctypes.CDLL(None, use_errno=True)
+def err(rc):
+    return ctypes.get_errno() if rc == -1 else 0
+out = {"ids": [os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups()],
+       "caps": {l.split(":")[0]: l.split()[1] for l in open("/proc/self/status") if l.startswith("Cap")},
+       "umount2": err(libc.umount2(b"/tmp", 0)),
+       "mount": err(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)),
+       "remount": err(libc.mount(None, b"/", None, 32 | 4096, None)),  # MS_REMOUNT | MS_BIND
+       "unshare_ns": err(libc.unshare(0x00020000)),
+       "unshare_user": err(libc.unshare(0x10000000)),
+       "setns": err(libc.setns(0, 0)),
+       "chroot": err(libc.chroot(b"/tmp")),
+       "ptrace": err(libc.ptrace(16, 1, None, None)),
+       "clone3": err(libc.syscall(435, None, 0))}
+numbers = sandbox._SYSCALL_NUMBERS[sandbox._MACHINES[platform.machine().lower()]][1]
+pid = libc.syscall(numbers["clone"], 0x10000000 | 17, 0, 0, 0, 0)  # clone(CLONE_NEWUSER | SIGCHLD)
+if pid == 0:
+    os._exit(0)
+out["clone_newuser"] = err(pid) if pid == -1 else os.waitpid(pid, 0) and "made a user namespace"
+try:
+    os.setuid(0)
+except PermissionError:
+    out["setuid"] = "refused"
+for path in (sys.prefix, os.path.dirname(sandbox.__file__), "/usr"):
+    try:
+        open(os.path.join(path, "planted.py"), "w").write("print('pwned')")
+    except OSError as e:
+        out.setdefault("write", []).append(e.errno)
+checker = socket.socket(socket.AF_UNIX)
+checker.connect(os.environ["DGM_CHECKER_SOCKET"])  # nobody can still reach the grader's checker
+try:
+    os.rename(os.environ["DGM_CHECKER_SOCKET"], os.environ["DGM_CHECKER_SOCKET"] + ".moved")
+except OSError:
+    out["rename"] = "refused"
+print(json.dumps(out))
+"""
+
+_VIEW_PROBE = r"""
+import json, os, sys
+import dgmlib
+here = os.getcwd()
+out = {"/": sorted(os.listdir("/")), "/etc": sorted(os.listdir("/etc")), "env": sorted(os.environ),
+       "prefix parent": sorted(os.listdir(os.path.dirname(sys.prefix))),
+       "package parent": sorted(os.listdir(os.path.dirname(os.path.dirname(dgmlib.__file__)))),
+       "cwd": here, "cwd entries": sorted(os.listdir(here)), "tmp": sorted(os.listdir("/tmp")),
+       "exists": {p: os.path.lexists(p) for p in sys.argv[1:]},
+       "root": sorted(os.listdir("/root")) if os.path.isdir("/root") else None}
+import multiprocessing
+multiprocessing.Lock()  # a semaphore in /dev/shm, as torch's DataLoader workers need
+try:
+    with open(os.path.join(here, "fill"), "wb") as fh:
+        for _ in range(64):
+            fh.write(b"x" * 2**20)
+            fh.flush()
+except OSError as e:
+    out["fill"] = [e.errno, os.path.getsize(os.path.join(here, "fill"))]
+print(json.dumps(out))
+"""
+
+_LIMITS_PROBE = r"""
+import json, os, threading
+out = {}
+stop, threads = threading.Event(), []
+try:
+    for _ in range(1000):
+        t = threading.Thread(target=stop.wait)
+        t.start()
+        threads.append(t)
+except RuntimeError as e:
+    out["threads stopped"] = str(e)
+out["threads"] = len(threads)
+stop.set()
+for t in threads:
+    t.join()
+r, w = os.pipe()
+pids = []
+try:
+    for _ in range(1000):  # a fork bomb, on a leash
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)
+            os._exit(0)
+        pids.append(pid)
+except OSError as e:
+    out["fork errno"] = e.errno
+out["forks"] = len(pids)
+os.close(w)
+for pid in pids:
+    os.waitpid(pid, 0)
+fd = os.open("/tmp/big", os.O_WRONLY | os.O_CREAT)
+try:
+    for _ in range(300):
+        os.write(fd, b"\0" * 2**20)
+except OSError as e:
+    out["300 MiB"] = [e.errno, os.fstat(fd).st_size]
+os.close(fd)
+os.remove("/tmp/big")
+print(json.dumps(out))
+"""
+
+
+def _in_sandbox(tmp_path: Path, code: str, args: tuple[str, ...] = (), environ: dict | None = None,
+                ) -> subprocess.CompletedProcess:
+    """Run ``python -c code args`` where the grading kernel would run, as ``dgm grade`` lays it out: a course
+    with a gradebook, a private folder per student (runtime, sockets, checker with a listening socket, scratch),
+    and a launcher environment with a secret in it."""
+    import socket
+
+    course = tmp_path / "course"
+    (course / "solutions" / "hw").mkdir(parents=True, exist_ok=True)
+    (course / "gradebook.db").write_text("grades")
+    private = tmp_path / "grading" / "s1"
+    for name in ("runtime", "sockets", "checker", "scratch"):
+        (private / name).mkdir(parents=True, exist_ok=True)
+    conn = private / "runtime" / "kernel-1.json"
+    conn.write_text(json.dumps({"transport": "ipc", "ip": str(private / "sockets" / "kernel"), "key": "k"}))
+    checker = socket.socket(socket.AF_UNIX)
+    checker.bind(str(private / "checker" / "socket"))
+    checker.listen(4)
+    env = {"PATH": os.environ["PATH"], "HOME": "/root", "SECRET_TOKEN": "x", "DGM_FAST": "1",
+           "DGM_COURSE_ROOT": str(course), "DGM_STRIPPED_LIBRARY": "",
+           "DGM_CHECKER_SOCKET": str(private / "checker" / "socket"),
+           "DGM_KERNEL_CWD": str(private / "scratch"), "OMP_NUM_THREADS": "1", **(environ or {})}
+    fds: list[int] = []
+    try:
+        cmd = sandbox.bwrap_command(str(conn), [], env["DGM_KERNEL_CWD"], str(course), sandbox.bwrap_path(),
+                                    env["DGM_CHECKER_SOCKET"], fds=fds, environ=env,
+                                    command=[sys.executable, "-c", code, *args])
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180, pass_fds=fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        checker.close()
+
+
+def _sandbox_json(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")
+def test_sandbox_kernel_has_no_privilege(tmp_path):
+    """The kernel is nobody with no capability; the system calls that change the mounts, make namespaces or
+    reach other processes fail with EPERM; it can still connect to the grader's checker, not move it."""
+    import errno
+
+    got = _sandbox_json(_in_sandbox(tmp_path, _STATUS_PROBE))
+    print(json.dumps(got, indent=1))
+    assert got["ids"] == [65534, 65534, 65534, 65534, [65534]] or got["ids"] == [65534, 65534, 65534, 65534, []]
+    assert got["caps"] == {f"Cap{k}": "0000000000000000" for k in ("Inh", "Prm", "Eff", "Bnd", "Amb")}
+    for call in ("umount2", "mount", "remount", "unshare_ns", "unshare_user", "setns", "chroot", "ptrace",
+                 "clone_newuser"):
+        assert got[call] == errno.EPERM, (call, got[call])
+    assert got["clone3"] == errno.ENOSYS  # glibc falls back to clone, whose flags the filter sees
+    assert got["setuid"] == got["rename"] == "refused"
+    assert len(got["write"]) == 3 and set(got["write"]) <= {errno.EROFS, errno.EACCES}
+
+
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")
+def test_sandbox_view_is_minimal(tmp_path):
+    """What the kernel sees: the system, the Python environment, dgmlib's folder, its own folders. Not the
+    course, /root beyond the Python prefix, /etc/shadow, /home; none of the launcher's variables but its
+    settings. Its working folder is a size-capped tmpfs. Prints the listing (``pytest -s``)."""
+    import errno
+
+    hidden = [str(ROOT / "gradebook.db"), str(ROOT / "solutions"), str(ROOT / "submitted"), str(ROOT / "tests"),
+              str(tmp_path / "course"), "/etc/shadow", "/home", "/root/.bashrc", "/root/.cache"]
+    got = _sandbox_json(_in_sandbox(tmp_path, _VIEW_PROBE, tuple(hidden), environ={"DGM_SANDBOX_TMPFS_MB": "16"}))
+    print(json.dumps(got, indent=1))
+    assert set(got["/"]) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "sys", "tmp",
+                             "usr", *Path(sys.prefix).parts[1:2], *Path(grading.__file__).parts[1:2]}
+    assert set(got["/etc"]) <= {*(Path(p).name for p in sandbox.ETC_FILES), "passwd", "group"}
+    assert not any(got["exists"].values()), got["exists"]
+    if Path(sys.prefix).resolve().parent.is_relative_to(Path.home()):  # pyenv: only the prefix of /root
+        assert got["root"] == [Path(sys.prefix).relative_to(Path.home()).parts[0]]
+    if ROOT / "dgmlib" == Path(grading.__file__).parents[1]:  # an editable install: the checkout shows dgmlib
+        assert got["package parent"] == ["dgmlib"]
+    assert got["env"] == sorted({"PATH", "HOME", "IPYTHONDIR", "MPLCONFIGDIR", "LANG", "PYTHONNOUSERSITE", "PWD",
+                                 "OMP_NUM_THREADS", "DGM_FAST", "DGM_CHECKER_SOCKET", "DGM_KERNEL_CWD",
+                                 "DGM_SANDBOX_TMPFS_MB"})
+    assert got["cwd"] == str(tmp_path / "grading" / "s1" / "scratch") and got["cwd entries"] == []
+    assert got["fill"][0] == errno.ENOSPC and got["fill"][1] <= 16 * 2**20
+    assert not (tmp_path / "grading" / "s1" / "scratch" / "fill").exists()
+
+
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")
+def test_sandbox_stops_fork_bombs_and_huge_files(tmp_path):
+    """RLIMIT_NPROC holds (the kernel's host uid is never root, for which the kernel ignores it): 1000
+    threads, or a fork bomb, stop at the limit; a 300 MiB file stops at RLIMIT_FSIZE."""
+    import errno
+
+    got = _sandbox_json(_in_sandbox(tmp_path, _LIMITS_PROBE))
+    print(json.dumps(got, indent=1))
+    assert "can't start new thread" in got["threads stopped"]
+    assert sandbox.DEFAULT_PROCESSES // 2 < got["threads"] < sandbox.DEFAULT_PROCESSES
+    assert got["fork errno"] == errno.EAGAIN
+    assert sandbox.DEFAULT_PROCESSES // 2 < got["forks"] < sandbox.DEFAULT_PROCESSES
+    assert got["300 MiB"] == [errno.EFBIG, sandbox.DEFAULT_FILE_MB * 2**20]
+
+
+def _body_lines(module: Path, qualname: str) -> list[str]:
+    """The lines of a definition's body in ``module`` (docstring aside) that appear nowhere else in it."""
+    import ast
+
+    source = module.read_text()
+    tree = ast.parse(source)
+    node: ast.AST = tree
+    for part in qualname.split("."):
+        node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
+    body = node.body[1:] if isinstance(node.body[0], ast.Expr) else node.body
+    lines = source.splitlines()
+    inside = lines[body[0].lineno - 1:node.end_lineno]
+    outside = "\n".join(lines[:node.lineno - 1] + lines[node.end_lineno:])
+    return [line.strip() for line in inside if len(line.strip()) > 20 and line.strip() not in outside]
+
+
+def test_stripped_library_withholds_the_answers(tmp_path):
+    """A function, a class, a NamedTuple, a method (inherited from a base of the same module): calling them
+    raises, nothing of their bodies is left in the copy, and the copy, dgmlib.grading included, imports."""
+    answers = ["dgmlib.autoregressive.made_masks", "dgmlib.autoregressive.MADE", "dgmlib.vae.VAE.elbo",
+               "dgmlib.vq.Quantized", "dgmlib.flows.AffineCoupling", "dgmlib.vae.MaskedConv2d",
+               "dgmlib.units.dequantized_nll", "torch.func.jacrev"]
+    package = strip.stripped_copy(answers, tmp_path)
+    assert package == tmp_path / "dgmlib"
+    original = Path(grading.__file__).parents[1]
+    for module, qualname in (("autoregressive", "made_masks"), ("autoregressive", "MADE"),
+                             ("vae", "LatentVariableModel.elbo"), ("flows", "AffineCoupling")):
+        lines = _body_lines(original / f"{module}.py", qualname)
+        assert lines, (module, qualname)
+        copied = (package / f"{module}.py").read_text()
+        assert not [line for line in lines if line in copied], (module, qualname)
+    assert (package / "train.py").read_text() == (original / "train.py").read_text()  # untouched modules stay
+    check = ("import sys\nsys.path.insert(0, sys.argv[1])\n"
+             "import dgmlib, dgmlib.grading, dgmlib.models, dgmlib.autoregressive as ar, dgmlib.vae as vae, "
+             "dgmlib.vq as vq, dgmlib.flows as flows\n"
+             "assert dgmlib.__file__.startswith(sys.argv[1])\n"
+             "assert issubclass(ar.MADE, ar.AutoregressiveModel) and vae.MaskedConv2d is ar.MaskedConv2d\n"
+             "for call in (lambda: ar.made_masks([1, 2]), lambda: ar.MADE((1, 2, 2), 3), lambda: vq.Quantized(1),\n"
+             "             lambda: vae.VAE.elbo(None, None), lambda: flows.AffineCoupling(None, None)):\n"
+             "    try:\n        call()\n    except RuntimeError as e:\n        print(e)\n")
+    out = subprocess.run([sys.executable, "-c", check, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"dgmlib.{n} is withheld while grading: write your own" for n in
+                                       ("autoregressive.made_masks", "autoregressive.MADE", "vq.Quantized",
+                                        "vae.VAE.elbo", "flows.AffineCoupling")]
+
+
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap is not installed")
+def test_sandbox_mounts_the_stripped_library_in_place(tmp_path):
+    """With DGM_STRIPPED_LIBRARY, ``import dgmlib`` in the kernel, by whatever route, gets the copy, at the
+    installed package's path; the original is not there."""
+    strip.stripped_copy(["dgmlib.autoregressive.made_masks"], tmp_path / "library")
+    probe = ("import inspect, dgmlib.autoregressive as ar\n"
+             "print(ar.__file__)\n"
+             "print('_dgm_withheld' in inspect.getsource(ar.made_masks))\n"
+             "try:\n    ar.made_masks([1, 2])\nexcept RuntimeError as e:\n    print(e)\n")
+    out = _in_sandbox(tmp_path, probe, environ={"DGM_STRIPPED_LIBRARY": str(tmp_path / "library")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == [str(Path(grading.__file__).parents[1] / "autoregressive.py"), "True",
+                                       "dgmlib.autoregressive.made_masks is withheld while grading: write your own"]
+
+
+def test_seccomp_program():
+    x86, arm = sandbox.seccomp_program("x86_64"), sandbox.seccomp_program("aarch64")
+    assert len(x86) % 8 == 0 and x86 != arm
+    code, jt, jf, k = struct.unpack("=HBBI", x86[8:16])
+    assert k == sandbox.AUDIT_ARCH_X86_64 and struct.unpack("=HBBI", arm[8:16])[3] == sandbox.AUDIT_ARCH_AARCH64
+    assert struct.unpack("=HBBI", x86[-8:])[3] == 0x7FFF0000  # the default: allow
+    with pytest.raises(RuntimeError, match="no seccomp filter"):
+        sandbox.seccomp_program("ppc64le")
+
+
+def test_untrusted_files_are_refused_without_blocking(tmp_path):
+    """A FIFO, a symbolic link, a folder or an oversized file in a submission: refused, and never opened in a
+    way that could block or follow it."""
+    folder = tmp_path / "submitted" / "eve" / "hw"
+    folder.mkdir(parents=True)
+    (folder / "hw.ipynb").write_text("{}")
+    assert untrusted.check_submission(folder, label="submitted/eve/hw") == ""
+    assert untrusted.read_notebook(folder / "hw.ipynb") == {}
+    os.mkfifo(folder / "pipe.ipynb")
+    assert untrusted.check_submission(folder, label="submitted/eve/hw") == \
+        "submitted/eve/hw/pipe.ipynb is a FIFO, not a regular file: not graded"
+    with pytest.raises(untrusted.UntrustedFileError, match="is a FIFO"):
+        untrusted.read_regular_file(folder / "pipe.ipynb")  # O_NONBLOCK: refused at once, not a hang
+    os.remove(folder / "pipe.ipynb")
+    os.symlink(tmp_path / "gradebook.db", folder / "link.ipynb")
+    assert "link.ipynb is a symbolic link" in untrusted.check_submission(folder)
+    with pytest.raises(untrusted.UntrustedFileError, match="symbolic link"):
+        classroom.read_regular_file(folder / "link.ipynb")
+    os.remove(folder / "link.ipynb")
+    (folder / "sub").mkdir()
+    assert "sub is a folder" in untrusted.check_submission(folder)
+    (folder / "sub").rmdir()
+    with open(folder / "huge.ipynb", "wb") as fh:
+        fh.truncate(untrusted.MAX_FILE_BYTES + 1)  # sparse: costs nothing
+    assert "over the limit of 32 MiB" in untrusted.check_submission(folder)
+    with pytest.raises(untrusted.UntrustedFileError, match="over the limit"):
+        untrusted.read_regular_file(folder / "huge.ipynb")
+    os.remove(folder / "huge.ipynb")
+    os.rename(folder, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", folder)
+    assert untrusted.check_submission(folder, label="submitted/eve/hw") == \
+        "submitted/eve/hw is a symbolic link, not a folder: not graded"
+
+
+def test_a_planted_submission_fails_alone(tmp_path, monkeypatch):
+    """grade_assignment refuses the submissions holding a FIFO or a symbolic link before running anything of
+    them, and grades the classmate (nbgrader stubbed out: only the pre-check and the bookkeeping run)."""
+    course = tmp_path / "course"
+    (course / "solutions" / "hw").mkdir(parents=True)
+    (course / "nbgrader_config.py").write_text("")
+    notebook = json.dumps(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]))
+    (course / "solutions" / "hw" / "hw.ipynb").write_text(notebook)
+    for student in ("ann", "fifo", "link"):
+        (course / "submitted" / student / "hw").mkdir(parents=True)
+        (course / "submitted" / student / "hw" / "hw.ipynb").write_text(notebook)
+    os.mkfifo(course / "submitted" / "fifo" / "hw" / "data.csv")
+    os.symlink(course / "gradebook.db", course / "submitted" / "link" / "hw" / "notes.txt")
+    autograded = []
+
+    def nbgrader(args, course, log, *rest, **kwargs):
+        Path(log).write_text("")
+        if args[0] == "autograde":
+            autograded.append(args[args.index("--student") + 1])
+        return 0
+
+    monkeypatch.setattr(classroom, "_run_nbgrader", nbgrader)
+    results = {r.student: r for r in classroom.grade_assignment("hw", course, jobs=2, use_sandbox=False)}
+    assert autograded == ["ann"] and not results["ann"].failure
+    assert results["fifo"].failure == "submitted/fifo/hw/data.csv is a FIFO, not a regular file: not graded"
+    assert results["link"].failure == "submitted/link/hw/notes.txt is a symbolic link, not a regular file: not graded"
+    assert "FAILED: submitted/fifo/hw/data.csv is a FIFO" in (course / "reports" / "hw.txt").read_text()
+
+
+def test_submission_cgroup(tmp_path):
+    """Where cgroup v2 can be written, a cgroup per submission with its limits; elsewhere none, and grading
+    goes on with the rlimits (a fake cgroup tree stands for /sys/fs/cgroup here)."""
+    assert limits.submission_cgroup("s", 2**30, 300, 1.0, root=tmp_path / "none") is None
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    group = limits.submission_cgroup("run-s1", 2**30, 320, 1.5, root=tmp_path)
+    assert group == tmp_path / limits.CGROUP_PARENT / "run-s1"
+    assert (group / "memory.max").read_text() == f"{2**30}\n" and (group / "pids.max").read_text() == "320\n"
+    assert (group / "cpu.max").read_text() == "150000 100000\n"
+    for folder in (tmp_path, tmp_path / limits.CGROUP_PARENT):
+        assert (folder / "cgroup.subtree_control").read_text().split() == ["+memory", "+pids", "+cpu"]
+    assert not sandbox.join_cgroup(str(tmp_path / "missing")) and not sandbox.join_cgroup(None)
+    limits.remove_cgroup(group, wait=0.0)  # a fake cgroup keeps its files: removal gives up quietly
+    limits.remove_cgroup(None)
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        print("cgroup v2 controllers here:", Path("/sys/fs/cgroup/cgroup.controllers").read_text().strip())
+    else:
+        print("no cgroup v2 at /sys/fs/cgroup here: the kernels are held by their rlimits")
 
 
 # ---------------------------------------------------------------- grading without a sandbox

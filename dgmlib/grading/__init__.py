@@ -1,4 +1,12 @@
-"""Assertions for assignment tests, with verdicts that a submission cannot forge from inside its kernel.
+"""Assertions for assignment tests, and the probe through which the grader's judge calls the student's code.
+
+**Judged assignments** (those with ``solutions/ASSIGNMENT/judge.py``; ``dgmlib.grading.judge``): a test
+cell's points are decided by its judge, in the grader, on secret inputs, against the reference; the cell
+ends with ``probe("grade_id", name=obj, ...)`` (``dgmlib.grading.probing``), which exposes the student's
+code to the judge. The ``assert_*`` checks below are then the student's own feedback (what ``nbgrader
+validate`` shows): they earn nothing, so nothing in the student's kernel needs protecting for the score.
+
+**Other assignments** score by receipts, as follows.
 
 Student code runs in the same kernel as the tests, so it can redefine anything a test relies on:
 ``torch.allclose = lambda *a, **k: True``, ``train.evaluate = ...``, ``builtins.all = ...``, a
@@ -60,8 +68,9 @@ import dgmlib.train
 import dgmlib.units
 import dgmlib.vae
 import dgmlib.vq
+from dgmlib.grading.probing import probe
 
-__all__ = ["TamperingError", "verify_untampered", "trusted", "assert_close", "assert_not_close",
+__all__ = ["probe", "TamperingError", "verify_untampered", "trusted", "assert_close", "assert_not_close",
            "assert_equal", "assert_true", "assert_le", "assert_shape", "randomised"]
 
 

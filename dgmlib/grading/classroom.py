@@ -3,9 +3,12 @@
 Each student is graded by their own ``nbgrader autograde ASSIGNMENT --student ID`` process, up to
 ``jobs`` at a time, with the notebook executed in the sandboxed kernel (``dgmlib.grading.sandbox``)
 and private runtime folders, so one failure or attack never stops or changes another student's
-grading. A submission that outlives its wall-clock limit has its whole process group killed.
-Each ``nbgrader autograde`` runs through ``dgmlib.grading.receipts``: the checker of the tests runs in
-the grader, and a test cell scores only with the receipts of its checks. After grading, every
+grading. A submission that outlives its wall-clock limit has its whole process group killed, and one
+whose folder holds anything but regular files of a bounded size is refused alone
+(``dgmlib.grading.untrusted``); the grader reads no file the kernel wrote, and every notebook it reads
+itself as a regular file of a bounded size. Each ``nbgrader autograde`` runs through
+``dgmlib.grading.receipts``: the checker of the tests runs in the grader, and a test cell scores only
+with the receipts of its checks. After grading, every
 submission's code is reviewed against what the assignment allows (``dgmlib.grading.review``;
 flagged submissions are zeroed pending review, with nbgrader's manual override), and near-copies
 among submissions, of dgmlib and of the solutions are listed (``dgmlib.grading.similarity``; never
@@ -29,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dgmlib
-from dgmlib.grading import review, sandbox, similarity
+from dgmlib.grading import limits, review, sandbox, similarity, strip, untrusted
+from dgmlib.grading.untrusted import read_regular_file  # noqa: F401 - the grader's way to read a student's file
 
 
 @dataclass
@@ -56,6 +60,14 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
                      similarity_threshold: float = similarity.DEFAULT_THRESHOLD) -> list[StudentResult]:
     """Autograde every ``submitted/*/ASSIGNMENT`` in ``course``; export ``grades.csv``; write the report.
 
+    A submission whose folder holds anything but regular files (a FIFO, a symbolic link, a device, a
+    folder) or a file over ``untrusted.MAX_FILE_BYTES`` fails alone, ungraded
+    (``untrusted.check_submission``). Each kernel works in a fresh folder of its own
+    (``DGM_KERNEL_CWD``, a tmpfs in the sandbox that the grader never reads), in a cgroup of its own
+    where cgroup v2 can be written (``limits.submission_cgroup``), and, when the assignment is judged
+    (``solutions/ASSIGNMENT/judge.py``), with the copy of dgmlib whose answers are withheld
+    (``strip.stripped_copy``, ``DGM_STRIPPED_LIBRARY``).
+
     Args:
         assignment: the assignment name (a folder of ``solutions/``).
         course: the nbgrader course root (holding ``nbgrader_config.py``).
@@ -76,14 +88,16 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
 
     Raises:
         FileNotFoundError: if the course, assignment or submissions are missing.
-        RuntimeError: if nbgrader cannot generate the assignment (its log is named).
+        RuntimeError: if nbgrader cannot generate the assignment (its log is named), or if the sandbox has
+            no seccomp filter for this machine.
     """
     course = Path(course).resolve()
     if not (course / "nbgrader_config.py").exists():
         raise FileNotFoundError(f"{course} is not an nbgrader course (no nbgrader_config.py)")
     if not (course / "solutions" / assignment).is_dir():
         raise FileNotFoundError(f"no source assignment solutions/{assignment} in {course}")
-    students = sorted(p.parent.name for p in (course / "submitted").glob(f"*/{assignment}") if p.is_dir())
+    # every entry, folder or not: check_submission says why one that is not a folder is not graded
+    students = sorted({p.parent.name for p in (course / "submitted").glob(f"*/{assignment}")})
     if not students:
         raise FileNotFoundError(f"no submissions found in {course}/submitted/*/{assignment}")
     if use_sandbox and sandbox.bwrap_path() is None:
@@ -97,12 +111,35 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     sandbox.write_kernelspec(work)
     if _run_nbgrader(["generate_assignment", assignment, "--force"], course, work / "generate.log", None, 600) != 0:
         raise RuntimeError(f"nbgrader generate_assignment {assignment} failed; see {work / 'generate.log'}")
+    sources = {p.stem: json.loads(p.read_text()) for p in (course / "solutions" / assignment).glob("*.ipynb")}
+    policies = {name: review.Policy.from_notebook(nb) for name, nb in sources.items()}
+    instructor_cells = {name: _instructor_cells(nb) for name, nb in sources.items()}
+    # A judged assignment is scored in the grader: its kernels get dgmlib without the answers (strip.py).
+    # The others' hidden tests still call dgmlib's reference in the kernel: they get the library whole.
+    library = None
+    if (course / "solutions" / assignment / "judge.py").is_file():
+        library = work / "library"
+        strip.stripped_copy(sorted({n for p in policies.values() for names in p.answers.values() for n in names}),
+                            library)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    tmpfs_mb = sandbox.DEFAULT_TMPFS_MB
+    sandboxed = use_sandbox and sandbox.bwrap_path() is not None
+    if sandboxed:
+        sandbox.seccomp_program()  # an architecture without a filter stops here, not in every kernel
+    refused: set[str] = set()
 
     def grade_one(student: str) -> StudentResult:
+        # a FIFO, a link, a device, a folder or a huge file in the submission: this student fails alone
+        reason = untrusted.check_submission(course / "submitted" / student / assignment,
+                                            label=f"submitted/{student}/{assignment}")
+        if reason:
+            refused.add(student)
+            return StudentResult(student, failure=reason)
         private = work / student
         (private / "runtime").mkdir(parents=True)
         (private / "sockets").mkdir()
         (private / "checker").mkdir()  # read-only in the sandbox
+        (private / "scratch").mkdir()  # the kernel's working folder: a fresh tmpfs in the sandbox, never read back
         env = {
             "JUPYTER_PATH": os.pathsep.join(filter(None, [str(work), os.environ.get("JUPYTER_PATH")])),
             "JUPYTER_RUNTIME_DIR": str(private / "runtime"),
@@ -111,9 +148,20 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             "DGM_SANDBOX_MEMORY_MB": str(memory_mb),
             "DGM_SANDBOX_OUTPUT_KB": str(output_kb),
             "DGM_SANDBOX_CPU_SECONDS": str(submission_timeout * 2),
+            "DGM_SANDBOX_PROCESSES": str(sandbox.DEFAULT_PROCESSES),
+            "DGM_SANDBOX_FILE_MB": str(sandbox.DEFAULT_FILE_MB),
+            "DGM_SANDBOX_TMPFS_MB": str(tmpfs_mb),
             "DGM_CHECKER_SOCKET": str(private / "checker" / "socket"),  # the grader's checker (receipts)
-            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs)),  # no oversubscription
+            "DGM_KERNEL_CWD": str(private / "scratch"),
+            "OMP_NUM_THREADS": str(threads),  # no oversubscription
         }
+        if library is not None:
+            env["DGM_STRIPPED_LIBRARY"] = str(library)
+        # its own cgroup where cgroup v2 can be written (memory with the tmpfs pages, tasks, CPU share)
+        cgroup = limits.submission_cgroup(f"{work.name}-{student}", (memory_mb + 3 * tmpfs_mb + 256) * 2**20,
+                                          sandbox.DEFAULT_PROCESSES + 64, threads) if sandboxed else None
+        if cgroup is not None:
+            env["DGM_SANDBOX_CGROUP"] = str(cgroup)
         # the kernel is killed once its notebook has run (nbclient's graceful shutdown waits about 1.5 s for it)
         args = ["autograde", assignment, "--student", student, "--force", f"--Execute.timeout={cell_timeout}",
                 "--Execute.shutdown_kernel=immediate",
@@ -122,7 +170,11 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             args.append(f"--Execute.kernel_name={sandbox.KERNEL_NAME}")
         start = time.perf_counter()
         result = StudentResult(student)
-        code = _run_nbgrader(args, course, private / "autograde.log", env, submission_timeout, command=_AUTOGRADER)
+        try:
+            code = _run_nbgrader(args, course, private / "autograde.log", env, submission_timeout,
+                                 command=_AUTOGRADER)
+        finally:
+            limits.remove_cgroup(cgroup)
         result.seconds = time.perf_counter() - start
         log = (private / "autograde.log").read_text(errors="replace")
         if code == "timeout":
@@ -138,30 +190,44 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(grade_one, students))
 
-    sources = {p.stem: json.loads(p.read_text()) for p in (course / "solutions" / assignment).glob("*.ipynb")}
-    policies = {name: review.Policy.from_notebook(nb) for name, nb in sources.items()}
-    instructor_cells = {name: _instructor_cells(nb) for name, nb in sources.items()}
     for result in results:
-        for nb_path in sorted((course / "submitted" / result.student / assignment).glob("*.ipynb")):
-            flags = review.review_notebook(nb_path, policies.get(nb_path.stem, review.Policy()),
-                                           instructor_cells.get(nb_path.stem, set()))
-            result.flagged += flags
-            if flags and zero_flagged:
-                auto = _zero_autograded(course, assignment, result.student, nb_path.stem, flags)
-                result.autograded_before_review = (result.autograded_before_review or 0.0) + auto
-            graded = course / "autograded" / result.student / assignment / nb_path.name
-            if graded.exists():
-                timed_out, crashed, unverified = _cell_errors(graded)
-                result.timed_out += timed_out
-                result.crashed += crashed
-                result.unverified += unverified
-    _report_similar(course, assignment, results, similarity_threshold, set().union(*instructor_cells.values()))
+        if result.student in refused:
+            continue
+        try:
+            _review_student(course, assignment, result, policies, instructor_cells, zero_flagged)
+        except (OSError, ValueError) as err:  # a notebook that is not a regular file, too large, not JSON
+            result.failure = result.failure or f"its notebooks could not be reviewed: {err}"
+    _report_similar(course, assignment, [r for r in results if r.student not in refused], similarity_threshold,
+                    set().union(*instructor_cells.values()))
     _run_nbgrader(["export", "--to", str(course / "grades.csv")], course, work / "export.log", None, 600)
     scores = _read_scores(course / "grades.csv", assignment)
     for result in results:
         result.score, result.max_score = scores.get(result.student, (0.0, 0.0))
     _write_report(course, assignment, results)
     return results
+
+
+def _review_student(course: Path, assignment: str, result: StudentResult, policies: dict[str, review.Policy],
+                    instructor_cells: dict[str, set[str]], zero_flagged: bool) -> None:
+    """Review one student's notebooks, zero the flagged ones, and note the cells that timed out, crashed or
+    lacked receipts (every notebook read by ``untrusted.read_regular_file``).
+
+    Raises:
+        UntrustedFileError, OSError, ValueError: if a notebook cannot be read safely or is not JSON.
+    """
+    for nb_path in sorted((course / "submitted" / result.student / assignment).glob("*.ipynb")):
+        flags = review.review_notebook(nb_path, policies.get(nb_path.stem, review.Policy()),
+                                       instructor_cells.get(nb_path.stem, set()))
+        result.flagged += flags
+        if flags and zero_flagged:
+            auto = _zero_autograded(course, assignment, result.student, nb_path.stem, flags)
+            result.autograded_before_review = (result.autograded_before_review or 0.0) + auto
+        graded = course / "autograded" / result.student / assignment / nb_path.name
+        if os.path.lexists(graded):
+            timed_out, crashed, unverified = _cell_errors(graded)
+            result.timed_out += timed_out
+            result.crashed += crashed
+            result.unverified += unverified
 
 
 def _instructor_cells(source_notebook: dict) -> set[str]:
@@ -227,7 +293,13 @@ def _report_similar(course: Path, assignment: str, results: list[StudentResult],
                     instructor_cells: set[str]) -> None:
     """Note near-copies on each student's result: of another student, of the solutions, of dgmlib."""
     def cells(folder: Path) -> list[str]:
-        return [c for p in sorted(folder.glob("*.ipynb")) for c in similarity.student_cells(p, instructor_cells)]
+        found = []
+        for path in sorted(folder.glob("*.ipynb")):
+            try:
+                found += similarity.student_cells(path, instructor_cells)
+            except (OSError, ValueError):  # not a regular file, too large, not JSON: nothing to compare
+                pass
+        return found
 
     code = {r.student: cells(course / "submitted" / r.student / assignment) for r in results}
     solutions = {f"solutions/{assignment}": cells(course / "solutions" / assignment)}
@@ -244,8 +316,8 @@ def _report_similar(course: Path, assignment: str, results: list[StudentResult],
 
 def _cell_errors(graded_notebook: Path) -> tuple[list[str], list[str], list[str]]:
     """Cells of the autograded notebook that timed out, that raised (with the exception), and that were
-    scored 0 for want of receipts (``UnverifiedCheck``, with the reason)."""
-    nb = json.loads(graded_notebook.read_text())
+    scored 0 for want of receipts (``UnverifiedCheck``) or by their judge (``JudgeFailed``), with the reason."""
+    nb = untrusted.read_notebook(graded_notebook)
     timed_out, crashed, unverified = [], [], []
     for i, cell in enumerate(nb.get("cells", [])):
         name = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", f"#{i + 1}")
@@ -256,6 +328,8 @@ def _cell_errors(graded_notebook: Path) -> tuple[list[str], list[str], list[str]
                 timed_out.append(name)
             elif out.get("ename") == "UnverifiedCheck":
                 unverified.append(f"{name} ({out.get('evalue')})")
+            elif out.get("ename") == "JudgeFailed":
+                unverified.append(f"{name} (judge: {out.get('evalue')})")
             else:
                 crashed.append(f"{name} ({out.get('ename')})")
     return timed_out, crashed, unverified
@@ -279,7 +353,8 @@ def format_report(assignment: str, results: list[StudentResult]) -> str:
         notes = ([f"FAILED: {r.failure}"] if r.failure else []) + \
             [f"timed out: {', '.join(r.timed_out)}"] * bool(r.timed_out) + \
             [f"crashed: {', '.join(r.crashed)}"] * bool(r.crashed) + \
-            [f"scored 0 without receipts: {u}" for u in r.unverified] + [f"FLAG {f}" for f in r.flagged] + \
+            [f"scored 0 by the judge: {u}" if "(judge: " in u else f"scored 0 without receipts: {u}"
+             for u in r.unverified] + [f"FLAG {f}" for f in r.flagged] + \
             ([f"zeroed pending review (autograded {auto:g} before)"] if auto is not None else []) + \
             [f"similar to {s} (review; not zeroed)" for s in r.similar]
         lines += [f"{'':<{width}}    {note}" for note in notes]

@@ -1,4 +1,8 @@
-"""Receipts: test-cell verdicts that nothing in the student's kernel can forge.
+"""Receipts: test-cell verdicts that nothing in the student's kernel can forge; and where the judge plugs in.
+
+``ReceiptExecute`` (below) scores the test cells of a *judged* assignment by its judge alone
+(``dgmlib.grading.judge``: expected values computed in the grader on secret inputs). The receipts
+described here score the test cells of assignments that have no judge yet.
 
 A submission's code runs in the same kernel as the tests. Whatever the kernel reports can be
 forged from there: the shell can swallow exceptions (``set_custom_exc``), ``sys.modules`` can hand
@@ -48,6 +52,7 @@ Source: the course's issue 12; the design is ours.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import socketserver
 import struct
@@ -230,31 +235,87 @@ def verify_cell(source: str, receipts: list[Receipt]) -> str | None:
 
 
 class ReceiptExecute(Execute):
-    """nbgrader's ``Execute`` with the checker in the grader and every test cell checked against receipts.
+    """nbgrader's ``Execute`` with the judge and the checker in the grader, and every test cell scored by them.
 
-    Configured like ``Execute`` (``--Execute.timeout``, ``--Execute.kernel_name``). The checker's
-    socket is ``DGM_CHECKER_SOCKET`` if set (``dgm grade`` puts it beside the kernel's sockets, where
-    the sandbox lets the kernel reach it), else a new private folder.
+    Configured like ``Execute`` (``--Execute.timeout``, ``--Execute.kernel_name``).
+
+    - **Judged cells.** When the assignment has a judge file (``solutions/ASSIGNMENT/judge.py`` under
+      ``DGM_COURSE_ROOT``, else the working folder), a ``JudgeServer`` serves the probes on a socket beside
+      the checker's (``DGM_JUDGE_SOCKET``) with a secret seed drawn for this submission, and a test cell
+      that has a judge scores only if that judge passed while the cell ran (``dgmlib.grading.judge``).
+    - **Other test cells** (assignments not yet judged) score with the receipts of their checks, as above.
+    - **The kernel's working folder** is ``DGM_KERNEL_CWD`` when set (a throw-away folder that the grader
+      never reads), not the folder nbgrader writes the graded notebook to.
+    - **Outputs of every kind** (streams, displays, results, errors) are capped at ``DGM_OUTPUT_CAP_KB``
+      (default 2048 KiB) for the whole notebook as they arrive; past it, one notice replaces the rest.
     """
 
     def preprocess(self, nb: NotebookNode, resources: dict, km=None) -> tuple[NotebookNode, dict]:  # noqa: D102
         path = os.environ.get("DGM_CHECKER_SOCKET") or str(Path(tempfile.mkdtemp(prefix="dgm-checker-")) / "checker")
         os.environ["DGM_CHECKER_SOCKET"] = path  # the kernel inherits it
         self.checker = CheckerServer(path)
+        self.judge = None
+        self._output_budget = int(os.environ.get("DGM_OUTPUT_CAP_KB", "2048")) * 1024
+        self._output_cut = False
+        assignment = (resources or {}).get("nbgrader", {}).get("assignment")
+        course = Path(os.environ.get("DGM_COURSE_ROOT") or os.getcwd())
+        judge_file = course / "solutions" / str(assignment) / "judge.py"
+        if assignment and judge_file.is_file():
+            import secrets
+
+            from dgmlib.grading.judge import JudgeServer, load_judges  # torch: only for judged assignments
+
+            judge_path = str(Path(path).with_name("judge"))
+            os.environ["DGM_JUDGE_SOCKET"] = judge_path
+            self.judge = JudgeServer(judge_path, load_judges(judge_file), secrets.randbits(62),
+                                     timeout=float(self.timeout or 300))
+        cwd = os.environ.get("DGM_KERNEL_CWD")
+        if cwd:
+            resources = dict(resources or {})
+            resources["metadata"] = {**resources.get("metadata", {}), "path": cwd}
         try:
             return super().preprocess(nb, resources, km)
         finally:
             self.checker.close()
+            if self.judge is not None:
+                self.judge.close()
+
+    def output(self, outs, msg, display_id, cell_index):  # noqa: D102 - nbclient's hook for every output
+        size = len(json.dumps(msg.get("content", {}), default=str))
+        if self._output_budget - size < 0:
+            if not self._output_cut:
+                self._output_cut = True
+                outs.append(NotebookNode(output_type="stream", name="stdout",
+                                         text="\n[outputs cut by the grader: the notebook's output limit was reached]\n"))
+            return None
+        self._output_budget -= size
+        return super().output(outs, msg, display_id, cell_index)
 
     def preprocess_cell(self, cell: NotebookNode, resources: dict, index: int) -> tuple[NotebookNode, dict]:  # noqa: D102
         meta = cell.get("metadata", {}).get("nbgrader", {})
         is_test = cell.cell_type == "code" and meta.get("grade", False) and not meta.get("solution", False)
+        grade_id = meta.get("grade_id")
+        judged = is_test and self.judge is not None and grade_id in self.judge.judges
         mark = self.checker.mark()
-        cell, resources = super().preprocess_cell(cell, resources, index)
-        if is_test:
+        if judged:
+            self.judge.begin_cell(grade_id)
+        try:
+            cell, resources = super().preprocess_cell(cell, resources, index)
+        finally:
+            if judged:
+                self.judge.end_cell()
+        if judged:
+            verdict = self.judge.verdict(grade_id)
+            if not verdict.passed:
+                self.log.warning("test cell %s scores 0: the judge: %s", grade_id, verdict.message)
+                cell.outputs.insert(0, NotebookNode(
+                    output_type="error", ename="JudgeFailed", evalue=verdict.message,
+                    traceback=[f"JudgeFailed: {verdict.message} (dgm grade scores this cell by the grader's "
+                               "judge, on inputs of its own)"]))
+        elif is_test:
             reason = verify_cell(cell.source, self.checker.since(mark))
             if reason is not None:
-                self.log.warning("test cell %s scores 0: %s", meta.get("grade_id"), reason)
+                self.log.warning("test cell %s scores 0: %s", grade_id, reason)
                 cell.outputs.insert(0, NotebookNode(
                     output_type="error", ename="UnverifiedCheck", evalue=reason,
                     traceback=[f"UnverifiedCheck: {reason} (dgm grade scores a test cell by the receipts of "

@@ -39,10 +39,11 @@ of the syntax tree (``ast``), with the rules above. Source: the course's issue 1
 from __future__ import annotations
 
 import ast
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dgmlib.grading.untrusted import read_notebook
 
 __all__ = ["Policy", "COMMON_IMPORTS", "FORBIDDEN_MODULES", "split_cells", "review_notebook", "review_source"]
 
@@ -138,7 +139,7 @@ def review_notebook(notebook_path: str | Path, policy: Policy, instructor_cells:
         sorted, human-readable flags such as ``"cell coupling: refers to flows.AffineCoupling, an
         answer of this assignment (dgmlib.flows.AffineCoupling)"``; empty if nothing is flagged.
     """
-    students, instructors = split_cells(json.loads(Path(notebook_path).read_text()), instructor_cells)
+    students, instructors = split_cells(read_notebook(notebook_path), instructor_cells)  # a regular file, capped
     imported: set[str] = set()
     for source in instructors:
         try:

@@ -21,13 +21,13 @@ honest submission. Reports flag; they never change a score. Source: the course's
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from copydetect import CodeFingerprint, compare_files
 
 from dgmlib.grading.review import split_cells
+from dgmlib.grading.untrusted import read_notebook
 
 __all__ = ["SimilarPair", "student_cells", "similar_pairs", "DEFAULT_THRESHOLD"]
 
@@ -50,7 +50,7 @@ class SimilarPair:
 
 def student_cells(notebook_path: str | Path, instructor_cells: set[str] | None = None) -> list[str]:
     """The code a student wrote: the sources of their cells as ``review.split_cells`` finds them."""
-    students, _ = split_cells(json.loads(Path(notebook_path).read_text()), instructor_cells)
+    students, _ = split_cells(read_notebook(notebook_path), instructor_cells)  # a regular file, capped
     return [source for _, _, source in students]
 
 

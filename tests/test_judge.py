@@ -1,0 +1,287 @@
+"""The judge (dgmlib.grading.judge), its wire format and the probe: what a kernel can and cannot make it do.
+
+The judge decides a test cell's points in the grader. These tests run a judge against objects of this
+process through the real wire format and probe loop (``judge_locally``), or against a hostile "kernel" that
+speaks the protocol by hand, and check that only genuine, correct outputs earn a pass.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dgmlib.grading import probing, wire
+from dgmlib.grading.judge import (JudgeFailure, JudgeServer, expect, expect_close, expect_equal, expect_le,
+                                  expect_shape, judge, judge_locally, load_judges, parameters, randomise,
+                                  solution_cells)
+from nbhelpers import ASSIGNMENTS, ROOT, autograded_points
+
+JUDGED = [name for name in ASSIGNMENTS if (ROOT / "solutions" / name / "judge.py").exists()]
+
+
+# ---------------------------------------------------------------- the wire format
+
+
+def test_wire_round_trip_of_every_kind_of_value():
+    value = {"x": torch.randn(3, 4, dtype=torch.float64), "i": torch.arange(5), "b": torch.tensor([True, False]),
+             "h": torch.randn(2, dtype=torch.bfloat16), "n": 3, "f": float("nan"), "s": "text", "none": None,
+             "t": (1, [2.5, torch.zeros(0)]), "nested": {"deep": [[torch.ones(1, 1, 2)]]}, "handle": wire.Handle(7)}
+    back = wire.decode(wire.encode(value))
+    assert torch.equal(back["x"], value["x"]) and back["x"].dtype == torch.float64
+    assert torch.equal(back["i"], value["i"]) and torch.equal(back["b"], value["b"])
+    assert back["h"].dtype == torch.float32  # bfloat16 travels as float32
+    assert back["n"] == 3 and back["f"] != back["f"] and back["s"] == "text" and back["none"] is None
+    assert back["t"][0] == 1 and back["t"][1][0] == 2.5 and back["t"][1][1].shape == (0,)
+    assert back["nested"]["deep"][0][0].shape == (1, 1, 2)
+    assert isinstance(back["handle"], wire.Handle) and back["handle"].number == 7
+
+
+def test_wire_sends_objects_as_handles_only_where_asked():
+    with pytest.raises(wire.WireError, match="cannot be sent"):
+        wire.encode({"model": nn.Linear(2, 2)})
+    seen = []
+    body = wire.encode([nn.Linear(2, 2), 1], to_handle=lambda obj: seen.append(obj) or len(seen))
+    assert isinstance(wire.decode(body)[0], wire.Handle) and len(seen) == 1
+
+
+@pytest.mark.parametrize("body", [
+    b"",  # shorter than its header
+    struct.pack("<I", 100) + b"{}",  # header past the end
+    struct.pack("<I", 3) + b"{{{",  # not JSON
+    struct.pack("<I", 55) + b'{"$t": [0, 800], "dtype": "<f8", "shape": [10, 10]}xx',  # bytes outside the message
+    struct.pack("<I", 49) + b'{"$t": [0, 8], "dtype": "<f8", "shape": [10, 10]}' + bytes(8),  # shape/bytes mismatch
+    struct.pack("<I", 40) + b'{"$t": [0, 8], "dtype": "|O", "shape": [1]}' + bytes(8),  # object dtype
+    struct.pack("<I", 12) + b'{"$h": "no"}',  # a handle that is not an integer
+])
+def test_malformed_messages_are_refused(body):
+    with pytest.raises(wire.WireError):
+        wire.decode(body)
+
+
+def test_deep_nesting_and_huge_messages_are_refused(monkeypatch):
+    deep: list = []
+    for _ in range(wire.MAX_DEPTH + 5):
+        deep = [deep]
+    with pytest.raises(wire.WireError, match="nest"):
+        wire.encode(deep)
+    monkeypatch.setattr(wire, "MAX_MESSAGE", 1000)
+    with pytest.raises(wire.WireError, match="at most"):
+        wire.encode(torch.zeros(1000))
+
+
+# ---------------------------------------------------------------- judges and the probe
+
+
+@judge("t")
+def _linear_judge(k, rng):
+    """The student's linear layer with the judge's parameters, on the judge's inputs."""
+    reference = randomise(nn.Linear(3, 2), rng)
+    layer = k.make(3, 2)
+    layer.load_state_dict(parameters(reference), strict=False)
+    layer.double()
+    x = torch.randn(4, 3, generator=rng, dtype=torch.float64)
+    expect_close(layer(x), reference(x), msg="linear")
+    expect_close(layer.attr("weight"), reference.weight, msg="weight")
+    expect_equal(k.twice(2), 4, msg="twice")
+    expect_close(layer.forward(x), reference(x), msg="a method by name")
+
+
+def test_a_correct_answer_passes_and_wrong_ones_fail():
+    assert judge_locally(_linear_judge, {"make": nn.Linear, "twice": lambda v: 2 * v}) == (True, "passed")
+    passed, message = judge_locally(_linear_judge, {"make": nn.Linear, "twice": lambda v: 3 * v})
+    assert not passed and message.startswith("twice")
+    passed, message = judge_locally(_linear_judge, {"make": lambda a, b: nn.Sequential(nn.Linear(a, b), nn.Tanh()),
+                                                    "twice": lambda v: 2 * v})
+    assert not passed
+    passed, message = judge_locally(_linear_judge, {"make": nn.Linear})
+    assert not passed and "does not expose 'twice'" in message
+
+
+def test_exposed_objects_and_handles_travel_as_arguments():
+    @judge("t")
+    def passes_objects(k, rng):
+        layer = k.make(2, 2)
+        expect_equal(k.same(layer, k.make), True, msg="a handle and an exposed name come back as the objects")
+
+    exposed = {"make": nn.Linear, "same": lambda obj, factory: isinstance(obj, factory)}
+    assert judge_locally(passes_objects, exposed) == (True, "passed")
+
+
+def test_the_students_exceptions_and_junk_fail_the_judge():
+    def boom(*args):
+        raise ValueError("student bug")
+
+    passed, message = judge_locally(_linear_judge, {"make": boom, "twice": boom})
+    assert not passed and "raised ValueError: student bug" in message
+    passed, message = judge_locally(_linear_judge, {"make": lambda a, b: "not a module", "twice": boom})
+    assert not passed
+
+
+def test_expectations_compute_in_the_judge():
+    with pytest.raises(JudgeFailure, match="torch.Tensor"):
+        expect_close("0.0", 0.0)
+    with pytest.raises(JudgeFailure, match="NaN"):
+        expect_close(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
+    with pytest.raises(JudgeFailure, match="shape"):
+        expect_close(torch.zeros(2), torch.zeros(3))
+    with pytest.raises(JudgeFailure):
+        expect_le(float("nan"), 1.0)
+    with pytest.raises(JudgeFailure):
+        expect_equal(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+    with pytest.raises(JudgeFailure):
+        expect_equal(4.0, 4)  # types must match too
+    with pytest.raises(JudgeFailure, match="my message"):
+        expect(False, "my message")
+    assert expect_shape(torch.zeros(2, 3), (2, 3)).shape == (2, 3)
+    assert expect_le(torch.tensor(1.0), 1.0) == 1.0
+
+
+def test_probe_is_a_no_op_outside_dgm_grade(monkeypatch):
+    monkeypatch.delenv("DGM_JUDGE_SOCKET", raising=False)
+    assert probing.probe("anything", f=lambda: 1) is None
+    with pytest.raises(TypeError):
+        probing.probe(3)
+
+
+# ---------------------------------------------------------------- the server: when a probe counts
+
+
+def _connect(path: str, hello: dict) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    wire.send(sock, wire.encode(hello))
+    return sock
+
+
+@pytest.fixture
+def server(tmp_path):
+    path = str(tmp_path / "judge")
+    srv = JudgeServer(path, {"t": _linear_judge, "u": _linear_judge}, seed=12345, timeout=2.0)
+    yield srv
+    srv.close()
+
+
+def _probe_in_thread(path: str, name: str, exposed: dict) -> threading.Thread:
+    def run():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            probing.serve(sock, name, exposed)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_probe_counts_only_while_its_own_cell_runs_and_only_once(server):
+    good = {"make": nn.Linear, "twice": lambda v: 2 * v}
+    server.begin_cell("u")  # another cell runs: the probe of "t" is refused
+    _probe_in_thread(server.path, "t", good).join(10)
+    server.end_cell()
+    assert not server.verdict("t").passed
+    server.begin_cell("t")
+    _probe_in_thread(server.path, "t", good).join(10)
+    _probe_in_thread(server.path, "t", {"make": nn.Linear, "twice": lambda v: 3 * v}).join(10)  # a second try
+    server.end_cell()
+    assert server.verdict("t").passed  # the first run stands; the second was refused
+    server.begin_cell("t")  # the cell runs again (a fresh execution): it must be judged again
+    server.end_cell()
+    assert not server.verdict("t").passed
+
+
+def test_a_kernel_cannot_declare_its_own_verdict(server):
+    server.begin_cell("t")
+    sock = _connect(server.path, {"op": "probe", "name": "t", "exposed": ["make", "twice"]})
+    request = wire.decode(wire.receive(sock))
+    assert request["op"] == "call"
+    # answer with a "verdict" instead of a value, then with values that are not what was asked
+    wire.send(sock, wire.encode({"op": "done", "verdict": "passed", "passed": True}))
+    sock.close()
+    time.sleep(0.5)
+    server.end_cell()
+    verdict = server.verdict("t")
+    assert not verdict.passed and "not a reply" in verdict.message
+
+
+def test_a_kernel_that_stops_answering_fails_its_cell_and_the_server_goes_on(server):
+    server.begin_cell("t")
+    sock = _connect(server.path, {"op": "probe", "name": "t", "exposed": ["make", "twice"]})
+    time.sleep(2.5)  # longer than the server's timeout, without answering
+    server.end_cell()
+    assert "did not answer in time" in server.verdict("t").message
+    sock.close()
+    server.begin_cell("u")  # the next cell is judged as usual
+    _probe_in_thread(server.path, "u", {"make": nn.Linear, "twice": lambda v: 2 * v}).join(10)
+    server.end_cell()
+    assert server.verdict("u").passed
+
+
+def test_garbage_on_the_socket_never_breaks_the_server(server):
+    for junk in (b"", b"\x00" * 3, struct.pack("<Q", 1 << 40) + b"x", struct.pack("<Q", 5) + b"hello"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(server.path)
+            sock.sendall(junk)
+    server.begin_cell("t")
+    _probe_in_thread(server.path, "t", {"make": nn.Linear, "twice": lambda v: 2 * v}).join(10)
+    server.end_cell()
+    assert server.verdict("t").passed
+
+
+def test_inputs_depend_on_the_secret_seed(tmp_path):
+    seen = []
+
+    @judge("t")
+    def record(k, rng):
+        seen.append(torch.randn(3, generator=rng))
+
+    for seed in (1, 2):
+        srv = JudgeServer(str(tmp_path / f"j{seed}"), {"t": record}, seed=seed)
+        srv.begin_cell("t")
+        _probe_in_thread(srv.path, "t", {}).join(10)
+        srv.end_cell()
+        srv.close()
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])
+
+
+# ---------------------------------------------------------------- the assignments' judges
+
+
+@pytest.mark.parametrize("name", JUDGED)
+def test_every_autograded_cell_of_a_judged_assignment_has_a_judge_and_a_probe(name):
+    import nbformat
+
+    (notebook,) = sorted((ROOT / "solutions" / name).glob("*.ipynb"))
+    source = nbformat.read(notebook, as_version=4)
+    judges = load_judges(ROOT / "solutions" / name / "judge.py")
+    cells = autograded_points(source)
+    assert set(judges) == set(cells), f"judges {sorted(judges)} != test cells {sorted(cells)}"
+    by_id = {c.metadata.get("nbgrader", {}).get("grade_id"): c for c in source.cells}
+    for grade_id in cells:
+        assert f"grading.probe({grade_id!r}" in by_id[grade_id].source, f"{grade_id} has no probe of its own"
+        assert "BEGIN HIDDEN TESTS" not in by_id[grade_id].source, f"{grade_id}: hidden tests belong in judge.py"
+    assert not (ROOT / "assignments" / name / "judge.py").exists(), "the judge must never be released"
+
+
+def test_solution_cells_run_the_instructors_code(tmp_path):
+    ref = solution_cells(ROOT / "solutions" / "hw1_autoregressive" / "hw1_autoregressive.ipynb", "made")
+    masks = ref.made_masks([torch.tensor([1, 2, 3]), torch.tensor([1, 2, 1, 2])])
+    assert torch.equal(masks[1], torch.tensor([[0., 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(KeyError):
+        solution_cells(ROOT / "solutions" / "hw1_autoregressive" / "hw1_autoregressive.ipynb", "no_such_cell")
+
+
+def test_two_judges_for_one_cell_are_refused(tmp_path):
+    path = tmp_path / "judge.py"
+    path.write_text("from dgmlib.grading.judge import judge\n@judge('a')\ndef one(k, rng): pass\n"
+                    "@judge('a')\ndef two(k, rng): pass\n")
+    with pytest.raises(ValueError, match="two judges"):
+        load_judges(path)
+    with pytest.raises(FileNotFoundError):
+        load_judges(tmp_path / "missing.py")
