@@ -444,7 +444,7 @@ def nearest_code(z_e, codebook):
 def straight_through(z_e, z_q):
     return vq.straight_through(z_e, z_q)
 def vq_losses(z_e, z_q):
-    return (z_q - z_e.detach()).square().flatten(1).sum(1), (z_e - z_q.detach()).square().flatten(1).sum(1)
+    raise NotImplementedError  # no reference to delegate to: only the delegated answers are in this cell
 """),
     "hw5_neural_ode": ("adjoint", """
 def augmented_dynamics(func, t, z, a, params):

@@ -596,6 +596,20 @@ def test_sandbox_stops_fork_bombs_and_huge_files(tmp_path):
     assert got["300 MiB"] == [errno.EFBIG, sandbox.DEFAULT_FILE_MB * 2**20]
 
 
+@pytest.mark.skipif(not HAS_BWRAP or os.geteuid() != 0, reason="bubblewrap and a root grader are needed")
+def test_each_submission_has_a_host_uid_of_its_own(tmp_path):
+    """Under a root grader the kernel's 65534 is the host uid ``dgm grade`` gives that submission, so the process
+    limit, counted per host uid, is per submission: a fork bomb cannot starve a classmate graded beside it."""
+    code = "print(open('/proc/self/uid_map').read().split())"
+    out = _in_sandbox(tmp_path, code, environ={"DGM_SANDBOX_HOST_UID": "3000000007"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(["0", "0", "1", "65534", "3000000007", "1"])
+    for bad in ("0", "999", str(2**32 - 1)):
+        with pytest.raises(ValueError, match="DGM_SANDBOX_HOST_UID"):
+            sandbox.host_uid({"DGM_SANDBOX_HOST_UID": bad})
+    assert sandbox.host_uid({}) == sandbox.KERNEL_UID
+
+
 def _body_lines(module: Path, qualname: str) -> list[str]:
     """The lines of a definition's body in ``module`` (docstring aside) that appear nowhere else in it."""
     import ast
@@ -771,3 +785,42 @@ def test_grading_without_bubblewrap_warns_and_still_works(tmp_path, monkeypatch,
         (result,) = classroom.grade_assignment(name, course, jobs=1, cell_timeout=120)
     assert result.score == 0 and not result.failure and result.crashed
     assert (course / "grades.csv").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs processes as another uid: needs root, as CI has")
+def test_the_watchdog_limits_a_submission_as_a_whole():
+    """Without cgroups, a root grader watches the processes of the submission's own host uid together: four
+    processes of 60 MiB each pass a 100 MiB limit together (each alone is under it) and are all killed; a busy
+    loop passes a CPU limit and is killed."""
+    from dgmlib.grading import limits
+
+    python = shutil.which("python3", path="/usr/bin:/bin")  # one that any uid may run (this one may lie in /root)
+    if python is None:
+        pytest.skip("no system python3 for another uid to run")
+
+    def spawn(uid: int, code: str) -> subprocess.Popen:
+        return subprocess.Popen([python, "-I", "-c", code], user=uid, group=uid, stdout=subprocess.DEVNULL,
+                                cwd="/")
+
+    hog = "import time\nx = bytearray(60 * 2**20)\nfor i in range(0, len(x), 4096): x[i] = 1\ntime.sleep(60)"
+    uid = 3_000_000_101
+    procs = [spawn(uid, hog) for _ in range(4)]
+    watchdog = limits.UidWatchdog(uid, 100 * 2**20, 1000.0, interval=0.2)
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=30) == -9
+        assert "MiB of memory" in watchdog.reason and watchdog.peak_bytes > 100 * 2**20
+    finally:
+        watchdog.stop()
+        for proc in procs:
+            proc.kill()
+    uid = 3_000_000_102
+    busy = spawn(uid, "while True: pass")
+    watchdog = limits.UidWatchdog(uid, 2**40, 1.0, interval=0.2)
+    try:
+        assert busy.wait(timeout=30) == -9 and "CPU time" in watchdog.reason
+    finally:
+        watchdog.stop()
+        busy.kill()
+    with pytest.raises(ValueError, match="not root's"):
+        limits.UidWatchdog(0, 1, 1.0)

@@ -7,8 +7,9 @@ grading. A submission that outlives its wall-clock limit has its whole process g
 whose folder holds anything but regular files of a bounded size is refused alone
 (``dgmlib.grading.untrusted``); the grader reads no file the kernel wrote, and every notebook it reads
 itself as a regular file of a bounded size. Each ``nbgrader autograde`` runs through
-``dgmlib.grading.receipts``: the checker of the tests runs in the grader, and a test cell scores only
-with the receipts of its checks. After grading, every
+``dgmlib.grading.receipts``: a judged assignment's test cells (``solutions/ASSIGNMENT/judge.py``) score only
+by their judge, in the grader, on secret inputs (``dgmlib.grading.judge``); an assignment without a judge
+scores by the receipts of its checks. After grading, every
 submission's code is reviewed against what the assignment allows (``dgmlib.grading.review``;
 flagged submissions are zeroed pending review, with nbgrader's manual override), and near-copies
 among submissions, of dgmlib and of the solutions are listed (``dgmlib.grading.similarity``; never
@@ -153,6 +154,8 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             "DGM_SANDBOX_TMPFS_MB": str(tmpfs_mb),
             "DGM_CHECKER_SOCKET": str(private / "checker" / "socket"),  # the grader's checker (receipts)
             "DGM_KERNEL_CWD": str(private / "scratch"),
+            # under a root grader, a host uid of its own: the process limit counts per host uid
+            "DGM_SANDBOX_HOST_UID": str(_HOST_UID_BASE + students.index(student)),
             "OMP_NUM_THREADS": str(threads),  # no oversubscription
         }
         if library is not None:
@@ -170,14 +173,22 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             args.append(f"--Execute.kernel_name={sandbox.KERNEL_NAME}")
         start = time.perf_counter()
         result = StudentResult(student)
+        # no cgroup, a root grader: the submission's processes are those of its own host uid, watched together
+        watchdog = limits.UidWatchdog(int(env["DGM_SANDBOX_HOST_UID"]), (memory_mb + 512) * 2**20,
+                                      2 * submission_timeout) if sandboxed and cgroup is None and os.geteuid() == 0 \
+            else None
         try:
             code = _run_nbgrader(args, course, private / "autograde.log", env, submission_timeout,
                                  command=_AUTOGRADER)
         finally:
             limits.remove_cgroup(cgroup)
+            if watchdog is not None:
+                watchdog.stop()
         result.seconds = time.perf_counter() - start
         log = (private / "autograde.log").read_text(errors="replace")
-        if code == "timeout":
+        if watchdog is not None and watchdog.reason:
+            result.failure = f"the submission was stopped: {watchdog.reason}"
+        elif code == "timeout":
             result.failure = f"the whole submission ran over {submission_timeout} s and was stopped"
         elif code != 0:
             died = "DeadKernelError" in log or "Kernel died" in log or "kernel died" in log.lower()
@@ -205,6 +216,10 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         result.score, result.max_score = scores.get(result.student, (0.0, 0.0))
     _write_report(course, assignment, results)
     return results
+
+
+_HOST_UID_BASE = 3_000_000_000
+"""The kernels of one ``dgm grade`` run take host uids from here (one per submission; no user has them)."""
 
 
 def _review_student(course: Path, assignment: str, result: StudentResult, policies: dict[str, review.Policy],

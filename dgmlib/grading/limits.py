@@ -1,6 +1,7 @@
 """Limits of the grading kernel beyond its rlimits (see ``dgmlib.grading.sandbox``): its output per stream
-(``LimitedOutStream``, in the kernel) and, where cgroup v2 can be written, a cgroup per submission
-(``submission_cgroup``, made by the grader)."""
+(``LimitedOutStream``, in the kernel) and, per submission, where cgroup v2 can be written, a cgroup
+(``submission_cgroup``, made by the grader), else, under a root grader, a watchdog over the processes of the
+submission's own host uid (``UidWatchdog``)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,95 @@ def remove_cgroup(group: Path | None, wait: float = 5.0) -> None:
             if time.monotonic() >= deadline:
                 return
             time.sleep(0.05)
+
+
+class UidWatchdog:
+    """Per-submission limits without cgroups: the memory and CPU time of every process of one host uid, together.
+
+    Under a root grader ``dgm grade`` runs each submission's kernel as a host uid of its own
+    (``sandbox.host_uid``), so the processes of that uid are exactly the submission's, however many it forks.
+    A thread reads ``/proc`` every ``interval`` seconds, adds up their resident memory and their CPU time (their
+    own and that of the children they reaped), and kills them all (``SIGKILL``) the first time either total
+    passes its limit; ``reason`` then says which. tmpfs pages are not resident memory: each tmpfs of the sandbox
+    has a size of its own. Where cgroup v2 can be written, ``submission_cgroup`` does the same in the kernel
+    (and exactly); this is the fallback. Source: the course's issue 26 ("limits per submission, not per
+    process"); the design is ours.
+
+    Args:
+        uid: the host uid whose processes are the submission's (never 0 or the grader's own).
+        memory_bytes: the most resident memory of all its processes together.
+        cpu_seconds: the most CPU time of all its processes together.
+        interval: seconds between two readings.
+
+    Raises:
+        ValueError: if ``uid`` is 0 or the grader's own uid.
+    """
+
+    def __init__(self, uid: int, memory_bytes: int, cpu_seconds: float, interval: float = 0.5) -> None:
+        import threading
+
+        if uid in (0, os.getuid()):
+            raise ValueError(f"the watchdog kills every process of uid {uid}: not root's nor the grader's")
+        self.uid, self.memory_bytes, self.cpu_seconds, self.interval = int(uid), int(memory_bytes), float(cpu_seconds), interval
+        self.reason = ""
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"dgm-watchdog-{uid}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (the submission is done)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def processes(self) -> list[int]:
+        """The pids of the uid's processes now."""
+        pids = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if os.stat(f"/proc/{name}").st_uid == self.uid:
+                        pids.append(int(name))
+                except OSError:
+                    pass  # it just ended
+        return pids
+
+    def usage(self) -> tuple[int, float]:
+        """(resident bytes, CPU seconds) of the uid's processes together, now."""
+        page, tick = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
+        rss, cpu = 0, 0.0
+        for pid in self.processes():
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields after the name: state is [0]; utime, stime, cutime, cstime are [11:15]; rss (pages) is [21]
+            cpu += sum(int(v) for v in fields[11:15]) / tick
+            rss += int(fields[21]) * page
+        return rss, cpu
+
+    def _kill_all(self) -> None:
+        import signal
+
+        for _ in range(3):  # a process forked between the listing and the kill is caught by the next round
+            for pid in self.processes():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.05)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss, cpu = self.usage()
+            self.peak_bytes = max(self.peak_bytes, rss)
+            if rss > self.memory_bytes:
+                self.reason = (f"its processes together used {rss / 2**20:.0f} MiB of memory, over the limit of "
+                               f"{self.memory_bytes / 2**20:.0f} MiB: stopped")
+            elif cpu > self.cpu_seconds:
+                self.reason = (f"its processes together used {cpu:.0f} s of CPU time, over the limit of "
+                               f"{self.cpu_seconds:.0f} s: stopped")
+            if self.reason:
+                self._kill_all()
+                return

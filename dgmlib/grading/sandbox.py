@@ -12,7 +12,9 @@ at all (effective, permitted, inheritable, ambient and bounding sets empty), in 
 talks over Unix sockets), PID, IPC, UTS and cgroup namespaces. When the grader runs as root, bubblewrap's
 own ``--unshare-user`` would map the kernel's uid to host root, for which the kernel ignores
 ``RLIMIT_NPROC`` (a fork bomb would run unchecked). So a root launcher makes the user namespace itself
-(``--userns``): uid 0 in it is host root, for bubblewrap's mounts only, and uid 65534 is host 65534; a tiny
+(``--userns``): uid 0 in it is host root, for bubblewrap's mounts only, and uid 65534 is a host uid of this
+submission's own (``host_uid``: ``dgm grade`` gives each submission its own, so that the process limit,
+counted per host uid, is per submission); a tiny
 entry program (``_ENTER``, trusted code run with nothing but ``CAP_SETUID``, ``CAP_SETGID`` and
 ``CAP_SETPCAP``) empties the bounding set, drops the supplementary groups, becomes 65534 (which clears
 every capability), sets the per-process limits, closes stray descriptors and execs ipykernel. Without
@@ -106,7 +108,7 @@ SYSTEM_FOLDERS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"
 
 _PASSWD = f"nobody:x:{KERNEL_UID}:{KERNEL_UID}:nobody:/tmp:/usr/sbin/nologin\n"
 _GROUP = f"nogroup:x:{KERNEL_UID}:\n"
-_HIDDEN_SETTINGS = frozenset({"DGM_COURSE_ROOT", "DGM_STRIPPED_LIBRARY"})  # the grader's business, not the kernel's
+_HIDDEN_SETTINGS = frozenset({"DGM_COURSE_ROOT", "DGM_STRIPPED_LIBRARY", "DGM_SANDBOX_HOST_UID"})  # the grader's business, not the kernel's
 
 # ---------------------------------------------------------------- seccomp
 
@@ -300,9 +302,24 @@ _UNSHARE = ("import ctypes, os, sys\n"
             "sys.stdin.buffer.read()\n")
 
 
-def _kernel_userns() -> int:
+def host_uid(environ: Mapping[str, str] | None = None) -> int:
+    """The host uid of this submission's kernel under a root grader: ``DGM_SANDBOX_HOST_UID`` (``dgm grade``
+    gives each submission of a run its own, so that ``RLIMIT_NPROC``, which counts per host uid, is per
+    submission: one kernel's fork bomb cannot starve a classmate graded beside it), else ``KERNEL_UID``.
+
+    Raises:
+        ValueError: if the setting is not a uid above 1000 and below 2**32 - 1.
+    """
+    environ = os.environ if environ is None else environ
+    value = int(environ.get("DGM_SANDBOX_HOST_UID", KERNEL_UID))
+    if not 1000 < value < 2**32 - 1:
+        raise ValueError(f"DGM_SANDBOX_HOST_UID must be a uid above 1000 (an unprivileged one), not {value}")
+    return value
+
+
+def _kernel_userns(uid: int = KERNEL_UID) -> int:
     """An inheritable descriptor of a new user namespace where uid and gid 0 are root's (for bubblewrap's
-    mounts) and ``KERNEL_UID`` is host ``KERNEL_UID`` (the kernel's). Only root can write such maps.
+    mounts) and ``KERNEL_UID`` is host ``uid`` (the kernel's). Only root can write such maps.
 
     Raises:
         OSError: if the namespace cannot be made.
@@ -312,7 +329,7 @@ def _kernel_userns() -> int:
     try:
         if helper.stdout.read(1) != b"1":
             raise OSError("cannot create a user namespace for the kernel")
-        mapping = f"0 0 1\n{KERNEL_UID} {KERNEL_UID} 1\n"
+        mapping = f"0 0 1\n{KERNEL_UID} {uid} 1\n"
         for name in ("uid_map", "gid_map"):
             with open(f"/proc/{helper.pid}/{name}", "w") as fh:
                 fh.write(mapping)
@@ -325,7 +342,7 @@ def _kernel_userns() -> int:
     return fd
 
 
-def _hand_to_kernel(socket_dir: str, socket_name: str, sockets: list[str]) -> None:
+def _hand_to_kernel(socket_dir: str, socket_name: str, sockets: list[str], uid: int = KERNEL_UID) -> None:
     """Under a root grader: give the kernel's host uid its socket folder and let it connect to the grader's
     sockets (their folder stays read-only in the sandbox and private to the grader outside).
 
@@ -335,7 +352,7 @@ def _hand_to_kernel(socket_dir: str, socket_name: str, sockets: list[str]) -> No
     strangers = [n for n in os.listdir(socket_dir) if not n.startswith(socket_name)]
     if strangers:
         raise ValueError(f"the kernel's socket folder {socket_dir} must be its own; it holds {strangers[:3]}")
-    os.chown(socket_dir, KERNEL_UID, KERNEL_UID)
+    os.chown(socket_dir, uid, uid)
     for path in sockets:
         try:
             if Path(path).is_socket():
@@ -410,9 +427,10 @@ def bwrap_command(connection_file: str, kernel_args: list[str], cwd: str, course
     opened = fds if fds is not None else []
     root = os.geteuid() == 0
     if root:
+        uid = host_uid(environ)
         _hand_to_kernel(socket_dir, Path(info["ip"]).name,
-                        [p for p in (checker_socket, environ.get("DGM_JUDGE_SOCKET")) if p])
-        opened.append(_kernel_userns())
+                        [p for p in (checker_socket, environ.get("DGM_JUDGE_SOCKET")) if p], uid)
+        opened.append(_kernel_userns(uid))
         cmd = [bwrap, "--userns", str(opened[-1]), "--cap-drop", "ALL",
                *(a for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP") for a in ("--cap-add", cap))]
     else:
