@@ -501,8 +501,7 @@ REWRITE_TESTS_CELL = """
 def _only_the_probe(lines):
     if not any("grading.probe(" in line for line in lines):
         return lines
-    return (["from dgmlib import grading\\n",
-             "from dgmlib.autoregressive import made_masks, MaskedConv2d, vertical_mask, horizontal_mask\\n"]
+    return (["from dgmlib import grading\\n"] + ANSWER_IMPORTS
             + [line for line in lines if line.startswith("grading.probe(")])
 get_ipython().input_transformers_post.append(_only_the_probe)
 """
@@ -512,9 +511,7 @@ FORGE_PROBE_CELL = """
 import os, socket, threading, time
 import torch
 from dgmlib.grading import wire
-_NAMES = ["test_made_masks", "test_made_causal", "test_mask_conv", "test_conv_causal", "test_stack_masks",
-          "test_gated_layer", "test_gated_causal", "test_blind_spot", "test_gated_normalised", "test_pixelcnn",
-          "test_nll"]
+_NAMES = TEST_CELLS
 def _forge():
     path = os.environ.get("DGM_JUDGE_SOCKET")
     while path:
@@ -522,7 +519,7 @@ def _forge():
             try:
                 s = socket.socket(socket.AF_UNIX)
                 s.connect(path)
-                wire.send(s, wire.encode({"op": "probe", "name": name, "exposed": ["made_masks", "model"]}))
+                wire.send(s, wire.encode({"op": "probe", "name": name, "exposed": ["model", "made_masks", "q_sample"]}))
                 wire.send(s, wire.encode({"op": "verdict", "passed": True}))
                 while True:
                     request = wire.decode(wire.receive(s))
@@ -666,7 +663,20 @@ JUDGE_ATTACKS = ("rewrite_tests", "forge_probe", "read_solutions", "escape", "ly
 # what it needs from an assignment is only that every test cell makes a check through dgmlib.grading, which
 # test_grading_security.test_every_test_cell_makes_a_check asserts for every assignment. Each costs a kernel
 # (about 10 s), so grading them once keeps the suite under its 15 minutes as assignments are added.
-FIRST_ASSIGNMENT_ONLY = GRADER_ATTACKS + RECEIPT_ATTACKS + JUDGE_ATTACKS
+# The attacks on the judge run on every assignment (each has its own judges, answers and probes), but the lying model,
+# which needs a model written for one assignment's trusted architecture (hw1's PixelCNN).
+FIRST_ASSIGNMENT_ONLY = GRADER_ATTACKS + RECEIPT_ATTACKS + ("lying_model",)
+
+
+def _answer_imports(source) -> list[str]:
+    """``from dgmlib.MODULE import NAME, ...`` lines for every module-level dgmlib answer the notebook declares."""
+    by_module: dict[str, set[str]] = {}
+    for names in source.metadata.get("dgm_grading", {}).get("answers", {}).values():
+        for answer in names:
+            parts = answer.split(".")
+            if parts[0] == "dgmlib" and len(parts) == 3:
+                by_module.setdefault(parts[1], set()).add(parts[2])
+    return [f"from dgmlib.{module} import {', '.join(sorted(names))}\n" for module, names in sorted(by_module.items())]
 
 
 def _build_submission(release, source, answers: str, assignment: str, attack_cell: str | None, edit_tests: bool):
@@ -687,6 +697,9 @@ def _build_submission(release, source, answers: str, assignment: str, attack_cel
             cell.source = "pass  # tests removed"
     if attack_cell:
         attack_cell = attack_cell.replace("NOTEBOOK", f"{assignment}.ipynb").replace("ASSIGNMENT", assignment)
+        attack_cell = attack_cell.replace("ANSWER_IMPORTS", repr(_answer_imports(source)))
+        attack_cell = attack_cell.replace("TEST_CELLS", repr(sorted(
+            nbg(c)["grade_id"] for c in source.cells if nbg(c).get("grade") and not nbg(c).get("solution"))))
         first_solution = next(i for i, c in enumerate(nb.cells) if nbg(c).get("solution"))
         nb.cells.insert(first_solution, new_code_cell(attack_cell))
     return nb

@@ -187,12 +187,13 @@ def test_grading_a_class(tmp_path, name):
         assert len(flood) < 2_000_000  # the huge output was cut in the autograded notebook
         # a 5 MB display and a 20 MB cell result: every kind of output is capped by the grader
         assert (course / "autograded" / "huge_result" / name / notebook_file.name).stat().st_size < 3_000_000
-        assert "escape won: []" in _printed(course, "escape", name, notebook_file.name), report
-        assert "instructor files found: 0" in _printed(course, "read_solutions", name, notebook_file.name), report
         assert "planted: [" in _printed(course, "plant_links", name, notebook_file.name), report
-        assert not list(Path(classroom.__file__).parents[1].rglob("dgm_planted.py"))  # nothing planted in dgmlib
         assert os.access(course / "gradebook.db", os.W_OK)
         assert any(u.startswith("test_nll (judge: exact test NLL") for u in results["lying_model"].unverified), report
+    # the attacks on the judge, on every assignment: no escape, no instructor file in sight, nothing planted
+    assert "escape won: []" in _printed(course, "escape", name, notebook_file.name), report
+    assert "instructor files found: 0" in _printed(course, "read_solutions", name, notebook_file.name), report
+    assert not list(Path(classroom.__file__).parents[1].rglob("dgm_planted.py"))  # nothing planted in dgmlib
     # the gradebook, the solutions and everyone's files survived
     assert (course / "gradebook.db").exists() and (course / "solutions" / name / notebook_file.name).exists()
     for student in submissions:
