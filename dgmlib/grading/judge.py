@@ -55,6 +55,7 @@ from dgmlib.grading import wire
 
 __all__ = ["JudgeFailure", "KernelError", "Kernel", "Remote", "judge", "load_judges", "solution_cells",
            "expect", "expect_close", "expect_equal", "expect_le", "expect_shape", "as_tensor", "randomise",
+           "secret_int", "secret_float", "secret_seed",
            "parameters", "Verdict", "JudgeServer", "judge_locally"]
 
 Judge = Callable[["Kernel", torch.Generator], None]
@@ -277,10 +278,10 @@ def expect_equal(actual: Any, expected: Any, msg: str = "") -> None:
         a = as_tensor(actual, msg or "the value")
         if a.shape != expected.shape:
             raise JudgeFailure(f"{prefix}shape {tuple(a.shape)}, expected {tuple(expected.shape)}")
-        if a.dtype == torch.bool or expected.dtype == torch.bool:
-            same = a.to(torch.bool) == expected.to(torch.bool) if a.dtype == expected.dtype else None
-            if same is None:
-                raise JudgeFailure(f"{prefix}dtype {a.dtype}, expected {expected.dtype}")
+        if (a.dtype == torch.bool) != (expected.dtype == torch.bool):
+            raise JudgeFailure(f"{prefix}dtype {a.dtype}, expected {expected.dtype}")
+        if a.dtype == torch.bool:
+            same = a == expected
         else:
             same = a.to(torch.float64) == expected.to(torch.float64)
         if not bool(same.all()):
@@ -296,6 +297,21 @@ def expect_le(value: Any, bound: float, msg: str = "") -> float:
     if not v <= bound:  # NaN fails too
         raise JudgeFailure(f"{msg + ': ' if msg else ''}{v:.4g} is not at most {bound:.4g}")
     return v
+
+
+def secret_int(rng: torch.Generator, low: int, high: int) -> int:
+    """An integer in ``[low, high]`` drawn from the judge's secret ``rng``."""
+    return int(torch.randint(low, high + 1, (1,), generator=rng))
+
+
+def secret_float(rng: torch.Generator, low: float, high: float) -> float:
+    """A float in ``[low, high)`` drawn from the judge's secret ``rng``."""
+    return low + (high - low) * float(torch.rand((), generator=rng, dtype=torch.float64))
+
+
+def secret_seed(rng: torch.Generator) -> int:
+    """A seed in ``[0, 2^31)`` drawn from the judge's secret ``rng``, for a generator the kernel is asked to use."""
+    return secret_int(rng, 0, 2**31 - 1)
 
 
 def randomise(module: torch.nn.Module, rng: torch.Generator, scale: float = 0.3) -> torch.nn.Module:

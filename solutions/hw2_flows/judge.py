@@ -23,21 +23,13 @@ from pathlib import Path
 import torch
 
 from dgmlib import data, dequantization, flows, train
+from dgmlib.grading.judge import secret_int as _int, secret_seed as _seed
 from dgmlib.grading.judge import (JudgeFailure, as_tensor, expect, expect_close, expect_equal, expect_le,
                                   expect_shape, judge, parameters, randomise, solution_cells)
 
 REF = solution_cells(Path(__file__).with_name("hw2_flows.ipynb"), "coupling", "bound", "build", "lu_conv", "vbound")
 
 F64 = torch.float64
-
-
-def _int(rng: torch.Generator, low: int, high: int) -> int:
-    """A secret integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=rng))
-
-
-def _seed(rng: torch.Generator) -> int:
-    return _int(rng, 0, 2**31 - 1)
 
 
 def _loaded(load_result, what: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dgmlib import data, vae
+from dgmlib.grading.judge import secret_int as _int, secret_seed as _seed
 from dgmlib.grading.judge import (JudgeFailure, as_tensor, expect, expect_close, expect_equal, expect_le,
                                   expect_shape, judge, parameters, randomise, solution_cells)
 
@@ -28,15 +29,6 @@ REF = solution_cells(Path(__file__).with_name("hw3_vae.ipynb"), "bounds", "surge
 
 F64 = torch.float64
 SHAPE, LEVELS = (1, 8, 8), 17
-
-
-def _int(rng: torch.Generator, low: int, high: int) -> int:
-    """An integer in [low, high] drawn from ``rng``."""
-    return int(torch.randint(low, high + 1, (1,), generator=rng))
-
-
-def _seed(rng: torch.Generator) -> int:
-    return _int(rng, 0, 2 ** 31 - 1)
 
 
 def _gen(k, seed: int):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from dgmlib import autoregressive, data, vq
 from dgmlib.config import fast_mode
+from dgmlib.grading.judge import secret_int as _int, secret_float as _uniform
 from dgmlib.grading.judge import (JudgeFailure, as_tensor, expect, expect_close, expect_equal, expect_le,
                                   expect_shape, judge, solution_cells)
 
@@ -56,15 +57,6 @@ def bound_limit() -> float:
 @functools.lru_cache(maxsize=None)
 def _digits(split: str) -> torch.Tensor:
     return data.load_digits(split)
-
-
-def _int(rng: torch.Generator, low: int, high: int) -> int:
-    """An integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=rng))
-
-
-def _uniform(rng: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=rng, dtype=F64))
 
 
 def _spatial(rng: torch.Generator, dims: int) -> tuple[int, ...]:

@@ -40,21 +40,13 @@ import torch
 import torchdiffeq
 
 from dgmlib import cnf, data, ode
+from dgmlib.grading.judge import secret_int as _int, secret_float as _uniform
 from dgmlib.grading.judge import (JudgeFailure, expect, expect_close, expect_le, expect_shape, judge, randomise,
                                   solution_cells)
 
 REF = solution_cells(Path(__file__).with_name("hw5_neural_ode.ipynb"), "ffjord", "hutchinson")
 
 F64 = torch.float64
-
-
-def _int(rng: torch.Generator, low: int, high: int) -> int:
-    """A secret integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=rng))
-
-
-def _uniform(rng: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=rng, dtype=F64))
 
 
 def _field(rng: torch.Generator, shape: list, scale: float = 0.3) -> ode.ConcatMLP:

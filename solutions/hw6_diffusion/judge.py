@@ -29,6 +29,7 @@ import torch
 
 from dgmlib import data, diffusion
 from dgmlib.diffusion import NoiseSchedule
+from dgmlib.grading.judge import secret_int as _int, secret_seed as _seed
 from dgmlib.grading.judge import (JudgeFailure, as_tensor, expect, expect_close, expect_le, expect_shape, judge,
                                   randomise, solution_cells)
 
@@ -44,11 +45,6 @@ DIGITS_BOUND = 0.35
 
 
 # ------------------------------------------------------------------ inputs drawn from the secret seed
-
-
-def _int(rng: torch.Generator, low: int, high: int) -> int:
-    """An integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=rng))
 
 
 def _betas(rng: torch.Generator, kind: str, T: int) -> torch.Tensor:
@@ -300,10 +296,6 @@ def _chain(net: torch.nn.Module, s: NoiseSchedule, x: torch.Tensor, zs: torch.Te
     for t in range(s.T, 0, -1):
         x = _step(net, s, x, t, zs[s.T - t])
     return x
-
-
-def _seed(rng: torch.Generator) -> int:
-    return _int(rng, 0, 2**31 - 1)
 
 
 @judge("test_toy")
