@@ -1,8 +1,10 @@
 """The course's single fast-mode switch.
 
-Setting the environment variable ``DGM_FAST=1`` shrinks every training run (epochs, widths,
-time budgets) so that CI, nbgrader autograding and ``dgm train --fast`` finish in seconds on
-a CPU. Full-size runs are for a GPU (Colab).
+Setting the environment variable ``DGM_FAST=1`` shrinks every training run (epochs, widths)
+so that CI, nbgrader autograding and ``dgm train --fast`` finish in seconds on a CPU, and every
+figure drawn meanwhile says "fast mode" (``dgmlib.plots.stamp_fast_mode``). Full-size runs take
+minutes per model on a laptop CPU and less on a GPU (Colab); both are bounded by epochs, so they
+give the same numbers on any machine.
 """
 
 from __future__ import annotations

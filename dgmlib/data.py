@@ -19,8 +19,7 @@ DIGITS_SHAPE = (1, 8, 8)
 DIGITS_SPLIT = {"train": (0, 1000), "val": (1000, 1350), "test": (1350, 1797)}
 DIGITS_SEED = 0
 
-IMAGE_NAMES = ("digits", "mnist")
-TOY_NAMES = ("8gaussians", "checkerboard", "2spirals", "moons", "pinwheel", "swissroll")
+from dgmlib.catalog import IMAGE_NAMES, TOY_NAMES  # noqa: E402  (named once, where the CLI reads them without torch)
 TOY_DENSITIES = ("8gaussians", "checkerboard")
 """The toys whose true density ``toy_log_prob`` knows in closed form."""
 TOY_SIZES = {"train": 20000, "val": 2000, "test": 5000}

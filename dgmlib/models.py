@@ -79,10 +79,15 @@ class ModelSpec:
 
     Attributes:
         description: one line for ``dgm list`` and ``dgm train --help``.
+        family: the family the model belongs to (``"normalizing flow"``, ``"VAE"``, ...): ``dgm results --gallery``
+            shows the samples of one run per family.
         build: ``(data, **options) -> nn.Module``, sized to the data (digits, MNIST or a 2D toy)
             and, in fast mode, shrunk.
-        epochs, lr, batch_size: training defaults; ``time_budget`` caps wall-clock seconds.
-        fast_epochs, fast_time_budget: the same under ``DGM_FAST=1``.
+        epochs, lr, batch_size: training defaults. Training is bounded by epochs (and ``patience``), never
+            by the clock, so the same command and seed give the same model on any machine; the full-mode
+            epochs are chosen to take about 5 minutes or less on 2 CPU cores.
+        fast_epochs: the epochs under ``DGM_FAST=1``.
+        patience: early stopping after this many epochs without a better validation loss (None: off).
         report: ``(model, data, seed) -> dict`` of test metrics; it gives ``test_nll_nats`` (per image
             or per point) and ``nll_method`` (a few words: which bound or estimate) for a likelihood
             model, and ``likelihood`` (a sentence) saying how it was computed. The data are on the
@@ -105,14 +110,14 @@ class ModelSpec:
     """
 
     description: str
+    family: str
     build: Callable[..., nn.Module]
     epochs: int
     fast_epochs: int
     report: Callable[[nn.Module, Data, int], dict]
     lr: float = 1e-3
     batch_size: int = 64
-    time_budget: float | None = None
-    fast_time_budget: float | None = None
+    patience: int | None = None
     options: dict[str, Option] = field(default_factory=dict)
     figures: Callable[[nn.Module, Data, int, str], dict[str, Figure]] = _image_samples
     loss: Callable[[nn.Module], Callable[[Tensor], Tensor]] | None = None
@@ -147,7 +152,9 @@ class ModelSpec:
         """Keyword arguments for ``dgmlib.train.fit`` on data of ``kind`` (``"digits"``, ``"mnist"``,
         ``"toy2d"``), honouring fast mode and ``overrides``."""
         settings = {"epochs": pick(self.epochs, self.fast_epochs), "lr": self.lr, "batch_size": self.batch_size,
-                    "time_budget": pick(self.time_budget, self.fast_time_budget), "betas": self.betas}
+                    "betas": self.betas}
+        if self.patience is not None and self.validate:
+            settings["patience"] = self.patience
         settings.update({k: pick(*v) for k, v in self.overrides.get(kind, {}).items()})
         return settings
 
@@ -314,8 +321,8 @@ def _fmt(value: float) -> str:
     return f"{value:.1f}" if abs(value) >= 1 else f"{value:.4f}"
 
 
-_MNIST = {"epochs": (100, 1), "batch_size": (128, 64), "time_budget": (900.0, 30.0)}
-"""Training on MNIST (55000 images of 28x28, 256 levels): sized for a GPU, 15 minutes at most."""
+_MNIST = {"epochs": (20, 1), "batch_size": (128, 64)}
+"""Training on MNIST (55000 images of 28x28, 256 levels): 20 epochs, sized for a GPU."""
 
 # --------------------------------------------------------------------------- autoregressive models (lecture 01)
 
@@ -470,12 +477,12 @@ def _build_vqvae(d: ImageData, codebook: str = "ema") -> vq.VQVAE:
                     ema=codebook == "ema", prior_channels=pick(64, 32))
 
 
-def _vqvae_prior(model: vq.VQVAE, data: ImageData, settings: dict) -> dict:
-    """Stage 2: the gated PixelCNN prior fitted to the training images' code maps (``vq.fit_prior``)."""
-    history = vq.fit_prior(model, data.train, data.val, epochs=pick(300, 5), lr=3e-3, batch_size=64,
-                           time_budget=pick(30.0, 5.0), **settings)
+def _vqvae_prior(model: vq.VQVAE, data: ImageData, settings: dict, epochs: int = 300) -> dict:
+    """Stage 2: the gated PixelCNN prior fitted to the training images' code maps (``vq.fit_prior``) for
+    ``epochs`` (5 in fast mode), keeping the best validation epoch."""
+    history = vq.fit_prior(model, data.train, data.val, epochs=pick(epochs, 5), lr=3e-3, batch_size=64, **settings)
     return {"prior_train_seconds": history.seconds, "prior_epochs_run": len(history.train_loss),
-            "prior_val_nll_nats": min(history.val_loss)}
+            "prior_stopped_by": history.stopped_by, "prior_val_nll_nats": min(history.val_loss)}
 
 
 def _vqvae_report(model: vq.VQVAE, data: ImageData, seed: int) -> dict:
@@ -626,19 +633,21 @@ _VQ_COLUMNS = (
 
 MODELS: dict[str, ModelSpec] = {
     "realnvp": ModelSpec(
+        family="normalizing flow",
         description="RealNVP: logit + 8 affine couplings, checkerboard masks, conv conditioners (lecture 02)",
         build=lambda d: flows.realnvp(d.shape, num_couplings=8, hidden=pick(128 if _mnist(d) else 64, 32),
                                       num_levels=d.num_levels),
-        epochs=150, fast_epochs=15, lr=1e-3, batch_size=64, time_budget=240.0, fast_time_budget=30.0,
+        epochs=150, fast_epochs=15, lr=1e-3, batch_size=64,
         report=_dequantization_report, overrides={"mnist": _MNIST}, columns=_FLOW_COLUMNS,
     ),
     "glow": ModelSpec(
+        family="normalizing flow",
         description="Glow: logit + 2 levels of (squeeze, actnorm, LU 1x1 conv, affine coupling) with a split; "
                     "variational dequantization (lectures 03-04)",
         build=lambda d, dequantization="variational": flows.glow(
             d.shape, num_levels=d.num_levels, levels=2, steps_per_level=pick(8, 2),
             hidden=pick(128 if _mnist(d) else 32, 32), dequantization=dequantization),
-        epochs=150, fast_epochs=10, lr=1e-3, batch_size=64, time_budget=300.0, fast_time_budget=30.0,
+        epochs=150, fast_epochs=10, lr=1e-3, batch_size=64,
         report=_glow_report, overrides={"mnist": _MNIST},
         options={"dequantization": Option(("variational", "uniform"), "variational",
                                           "q(u|y) learned with the flow (Flow++), or uniform noise")},
@@ -646,16 +655,17 @@ MODELS: dict[str, ModelSpec] = {
                                  Column("uniform bound (nats)", number("uniform_nll_nats"))),
     ),
     "nice": ModelSpec(
+        family="normalizing flow",
         description="NICE: logit + 4 additive couplings + diagonal scaling (lecture 02)",
         build=lambda d: flows.nice(d.shape, num_couplings=4, hidden=pick(1000 if _mnist(d) else 256, 128),
                                    num_levels=d.num_levels),
-        epochs=150, fast_epochs=15, lr=1e-3, batch_size=64, time_budget=240.0, fast_time_budget=30.0,
+        epochs=150, fast_epochs=15, lr=1e-3, batch_size=64,
         report=_dequantization_report, overrides={"mnist": _MNIST}, columns=_FLOW_COLUMNS,
     ),
     "vae": ModelSpec(
+        family="VAE",
         description="VAE: MLP Gaussian encoder, conv decoder, a choice of prior and discrete decoder (lectures 05-06)",
-        build=_build_vae, epochs=2000, fast_epochs=30, lr=1e-3, batch_size=64,
-        time_budget=150.0, fast_time_budget=20.0,
+        build=_build_vae, epochs=500, fast_epochs=30, lr=1e-3, batch_size=64, patience=50,
         options={"prior": Option(vae.PRIORS, "standard", "the prior p(z): N(0, I), a Gaussian mixture, the "
                                                           "VampPrior or a RealNVP flow"),
                  "decoder": Option(("categorical", "dlogistic"), "categorical",
@@ -663,22 +673,25 @@ MODELS: dict[str, ModelSpec] = {
         report=_vae_report, overrides={"mnist": _MNIST}, columns=_VAE_COLUMNS,
     ),
     "hvae": ModelSpec(
+        family="VAE",
         description="two-level hierarchical VAE, q(z1|y) q(z2|y), p(z2) p(z1|z2) p(y|z1) (lecture 05)",
         build=_build_hvae,
-        epochs=2000, fast_epochs=30, lr=1e-3, batch_size=64, time_budget=150.0, fast_time_budget=20.0,
+        epochs=500, fast_epochs=30, lr=1e-3, batch_size=64, patience=50,
         report=_vae_report, overrides={"mnist": _MNIST}, columns=_VAE_COLUMNS,
     ),
     "ffjord": ModelSpec(
+        family="continuous flow",
         description="FFJORD: continuous flow, concat-MLP velocity, Hutchinson trace, adjoint gradients (lecture 09)",
         build=lambda d: cnf.ffjord(d.num_dims, hidden=64, num_layers=4, trace="rademacher", rtol=1e-4, atol=1e-4),
-        epochs=1000, fast_epochs=20, lr=1e-3, batch_size=512, time_budget=200.0, fast_time_budget=15.0,
+        epochs=30, fast_epochs=5, lr=1e-3, batch_size=512,
         report=_ffjord_report, figures=_density_samples, data=("toy2d",), columns=_FFJORD_COLUMNS,
     ),
     "ddpm": ModelSpec(
+        family="diffusion",
         description="DDPM: linear schedule, T = 1000, eps-prediction, U-Net (images) or time MLP (2D toys), "
                     "L_simple; the bound in bits/dim, DDPM vs DDIM sampling (lecture 10)",
-        build=_build_ddpm, epochs=5000, fast_epochs=3, lr=2e-3, batch_size=128, time_budget=360.0,
-        fast_time_budget=20.0, report=_ddpm_report, data=("images", "toy2d"),
+        build=_build_ddpm, epochs=200, fast_epochs=3, lr=2e-3, batch_size=128, report=_ddpm_report,
+        data=("images", "toy2d"),
         figures=functools.partial(_image_samples, to_unit=lambda x: (x + 1) / 2),  # a DDPM samples in [-1, 1]
         loss=lambda model: model.training_loss, loss_label="L_simple (mean squared error of ε)",
         overrides={"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)},
@@ -686,10 +699,11 @@ MODELS: dict[str, ModelSpec] = {
         columns=_DDPM_COLUMNS,
     ),
     "made": ModelSpec(
+        family="autoregressive",
         description="MADE: masked MLP (2 x 512 ReLU), 8 random orderings trained in turn (one per minibatch), "
                     "their exact ensemble at test; exact NLL (lecture 01)",
-        build=_build_made, epochs=1000, fast_epochs=2, lr=1e-3, batch_size=64, time_budget=120.0,
-        fast_time_budget=5.0, report=_ar_report, figures=_ar_figures, loss=_ar_loss,
+        build=_build_made, epochs=200, fast_epochs=2, lr=1e-3, batch_size=64,
+        report=_ar_report, figures=_ar_figures, loss=_ar_loss,
         loss_label="-log P(y) (nats; -log P(y, c) if conditional)", overrides={"mnist": _MNIST},
         options={**_AR_OPTIONS,
                  "masks": Option(("1", "2", "4", "8", "16"), "8",
@@ -699,50 +713,55 @@ MODELS: dict[str, ModelSpec] = {
         columns=_AR_COLUMNS,
     ),
     "pixelcnn": ModelSpec(
+        family="autoregressive",
         description="PixelCNN: a mask-A 5x5 convolution, 6 residual mask-B 3x3 layers (it has the blind spot); "
                     "exact NLL (lecture 01)",
-        build=_build_pixelcnn, epochs=1000, fast_epochs=2, lr=1e-3, batch_size=64, time_budget=150.0,
-        fast_time_budget=5.0, report=_ar_report, figures=_ar_figures, loss=_ar_loss,
+        build=_build_pixelcnn, epochs=300, fast_epochs=2, lr=1e-3, batch_size=64, patience=30,
+        report=_ar_report, figures=_ar_figures, loss=_ar_loss,
         loss_label="-log P(y) (nats; -log P(y, c) if conditional)", overrides={"mnist": _MNIST},
         options=_AR_OPTIONS, columns=_AR_COLUMNS,
     ),
     "gated_pixelcnn": ModelSpec(
+        family="autoregressive",
         description="gated PixelCNN: 8 layers of vertical and horizontal stacks, tanh x sigmoid gates, no blind "
                     "spot, optional class conditioning; exact NLL (lecture 01)",
-        build=_build_gated_pixelcnn, epochs=1000, fast_epochs=2, lr=1e-3, batch_size=64, time_budget=300.0,
-        fast_time_budget=5.0, report=_ar_report, figures=_ar_figures, loss=_ar_loss,
+        build=_build_gated_pixelcnn, epochs=150, fast_epochs=2, lr=1e-3, batch_size=64, patience=30,
+        report=_ar_report, figures=_ar_figures, loss=_ar_loss,
         loss_label="-log P(y) (nats; -log P(y, c) if conditional)", overrides={"mnist": _MNIST},
         options=_AR_OPTIONS, columns=_AR_COLUMNS,
     ),
     "vqvae": ModelSpec(
+        family="discrete latents",
         description="VQ-VAE: conv encoder to a 2x2 grid (7x7 on MNIST) of 16-d vectors, 64 codes (EMA, dead codes "
                     "restarted), categorical decoder; then a gated PixelCNN prior over the codes; the bound (lecture 07)",
-        build=_build_vqvae, epochs=1000, fast_epochs=3, lr=1e-3, batch_size=64, time_budget=60.0,
-        fast_time_budget=5.0, report=_vqvae_report, figures=_vqvae_figures,
+        build=_build_vqvae, epochs=250, fast_epochs=3, lr=1e-3, batch_size=64, patience=50,
+        report=_vqvae_report, figures=_vqvae_figures,
         loss=lambda model: model.training_loss,
         loss_label="-log p(y | z_q) + β ||z_e - sg[e]||² (nats + squared distance)", overrides={"mnist": _MNIST},
         options=_VQ_OPTIONS,
         after_fit=_vqvae_prior, columns=_VQ_COLUMNS,
     ),
     "vqvae2": ModelSpec(
+        family="discrete latents",
         description="VQ-VAE-2: a 2x2 top and a 4x4 bottom code map (7x7 and 14x14 on MNIST), 64 codes each (EMA, "
                     "restarts); then a PixelCNN prior per level, the bottom one conditioned on the top codes (lecture 07)",
         build=lambda d, codebook="ema": vq.VQVAE2(d.shape, d.num_levels, num_codes=64, code_dim=16,
                                                   channels=pick(64, 32), ema=codebook == "ema",
                                                   prior_channels=pick(64, 32)),
-        epochs=1000, fast_epochs=3, lr=1e-3, batch_size=64, time_budget=60.0, fast_time_budget=5.0,
+        epochs=200, fast_epochs=3, lr=1e-3, batch_size=64, patience=50,
         report=_vqvae2_report, figures=_vqvae2_figures, loss=lambda model: model.training_loss,
         loss_label="-log p(y | e_top, e_bottom) + β (both commitments) (nats + squared distances)",
         overrides={"mnist": _MNIST},
         options=_VQ_OPTIONS,
-        after_fit=_vqvae_prior, columns=_VQ_COLUMNS,
+        after_fit=functools.partial(_vqvae_prior, epochs=100), columns=_VQ_COLUMNS,
     ),
     "fqgan": ModelSpec(
+        family="GAN",
         description="FQ-GAN: a small DCGAN whose discriminator's features are vector-quantized (EMA dictionary), or "
                     "the same GAN without (--quantize no); Fréchet distance to the digits (lecture 07)",
         build=lambda d, quantize="yes": vq.GAN(d.shape, d.num_levels, latent_dim=32, channels=pick(64, 32),
                                                quantize=quantize == "yes"),
-        epochs=100_000, fast_epochs=3, lr=2e-4, batch_size=64, time_budget=60.0, fast_time_budget=5.0,
+        epochs=200, fast_epochs=3, lr=2e-4, batch_size=64,
         betas=(0.5, 0.999), validate=False, report=_fqgan_report,
         figures=_image_samples, loss=lambda model: model.training_loss,
         loss_label="L_D + L_G (nats; near 3 log 2 = 2.08 at the equilibrium)", overrides={"mnist": _MNIST},

@@ -1,6 +1,11 @@
 """Figures used throughout the course: image grids, 2D densities, training curves.
 
 Each function draws on a given ``ax`` (or a new figure) and returns the ``Figure``.
+
+**Fast mode is written on every figure.** Importing this module registers ``stamp_fast_mode`` in matplotlib's
+``figure.hooks``, so every figure made through pyplot while ``DGM_FAST=1`` (the lectures' own ``plt.subplots``,
+``dgm train --fast``'s ``samples.png``) carries the words "fast mode" in red at its top: a figure of a small model
+trained for seconds is never mistaken for the course's result.
 """
 
 from __future__ import annotations
@@ -11,6 +16,27 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
+
+from dgmlib.config import fast_mode
+
+FAST_MODE_LABEL = "fast mode (DGM_FAST=1): a small model, briefly trained"
+"""The words ``stamp_fast_mode`` writes on a figure made in fast mode."""
+
+
+def stamp_fast_mode(fig: Figure) -> None:
+    """Write ``FAST_MODE_LABEL`` in red at the top right of ``fig`` if fast mode is on; nothing otherwise.
+
+    Registered in matplotlib's ``figure.hooks`` when this module is imported, so pyplot calls it on every new
+    figure; call it yourself on a ``Figure`` built without pyplot. Raises nothing.
+    """
+    if fast_mode():
+        fig.text(0.995, 0.995, FAST_MODE_LABEL, ha="right", va="top", fontsize=7, color="#c0392b",
+                 gid="dgm-fast-mode")
+
+
+_HOOK = f"{__name__}:stamp_fast_mode"
+if _HOOK not in plt.rcParams["figure.hooks"]:
+    plt.rcParams["figure.hooks"] = [*plt.rcParams["figure.hooks"], _HOOK]
 
 
 def image_grid(images: Tensor, nrow: int = 8, title: str | None = None, ax: plt.Axes | None = None,

@@ -46,7 +46,9 @@ def collect(runs: str | Path) -> list[dict[str, Any]]:
 
 
 def _options(row: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (row.get("options") or {}).items())
+    """The run's options, and its seed when it is not the default 0 (two seeds of one model are two rows)."""
+    seed = [f"seed={row['seed']}"] if row.get("seed") not in (None, 0) else []
+    return ", ".join([*(f"{k}={v}" for k, v in (row.get("options") or {}).items()), *seed])
 
 
 def _method(row: dict[str, Any]) -> str:
@@ -86,12 +88,15 @@ def number(key: str, digits: int = 2, se: str | None = None) -> Callable[[dict[s
 
 def detail_table(rows: list[dict[str, Any]], columns: tuple[Column, ...]) -> str:
     """The rows of one model as a Markdown table: options, data, then ``columns``, then training
-    seconds and epochs (run, and the best one, whose weights were kept; "last" without validation)."""
+    seconds and epochs (run, and the best one, whose weights were kept; "last" without validation), with
+    "early stop" when early stopping ended training and "CUT BY THE TIME CAP" when the safety cap did."""
     head = ("options", "data", *(c.label for c in columns), "train s", "epochs (best)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         best = r.get("best_epoch", "?")
         epochs = f"{r['epochs_run']} ({'last' if best == -1 else best})" if "epochs_run" in r else ""
+        epochs += {"early stopping": ", early stop",
+                   "time budget": ", CUT BY THE TIME CAP"}.get(r.get("stopped_by"), "")
         cells = [_options(r), str(r.get("data", "")), *(c.cell(r) for c in columns),
                  _number(r.get("train_seconds"), 0), epochs]
         lines.append("| " + " | ".join(cells) + " |")
@@ -101,13 +106,15 @@ def detail_table(rows: list[dict[str, Any]], columns: tuple[Column, ...]) -> str
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table: model, options, data, test NLL in nats (per image, or per point
     for 2D data), bits/dim (discrete images only), how the NLL was computed, training seconds,
-    parameters and device. Runs without a test NLL (e.g. a DDPM on 2D data) leave those cells empty."""
+    parameters and device (marked "(fast)" for a fast-mode run and "(cut by the time cap)" for a run the
+    safety cap stopped, whose numbers depend on the machine's speed). Runs without a test NLL (e.g. a DDPM on 2D data) leave those cells empty."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [str(r["model"]), _options(r), str(r.get("data", "")), _number(r.get("test_nll_nats"), 2),
                  _number(r.get("test_bits_per_dim"), 3), _method(r) if "test_nll_nats" in r else "",
                  _number(r.get("train_seconds"), 0), f"{r['num_params']:,}" if "num_params" in r else "",
-                 str(r.get("device", "cpu")) + (" (fast)" if r.get("fast_mode") else "")]
+                 str(r.get("device", "cpu")) + (" (fast)" if r.get("fast_mode") else "")
+                 + (" (cut by the time cap)" if r.get("stopped_by") == "time budget" else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -151,5 +158,52 @@ def results_figure(rows: list[dict[str, Any]]) -> Figure:
         ax.set_ylabel("test NLL (bits/dim)" if bits else "test NLL (nats / point)")
         ax.set_title(name)
         ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def gallery_figure(rows: list[dict[str, Any]]) -> Figure:
+    """One panel per model family (``ModelSpec.family``): the ``samples.png`` of its best run in ``rows``.
+
+    The best run of a family is its full-mode run with the lowest test NLL on the digits, else its first
+    full-mode run with samples (a GAN has no likelihood; a continuous flow trains on 2D toys); fast-mode runs are
+    used only for a family without a full one, and their panel says "fast mode". Each panel is titled with the
+    family, the model and its test NLL in nats per image (or per point) with how it was computed.
+
+    Raises:
+        ValueError: if no run in ``rows`` has a ``samples.png``.
+    """
+    import matplotlib.image as mpimg
+
+    from dgmlib.models import MODELS
+
+    def rank(r: dict[str, Any]) -> tuple:
+        nll = r.get("test_nll_nats")
+        return (bool(r.get("fast_mode")), r.get("data") != "digits", nll is None, nll if nll is not None else 0.0)
+
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        spec = MODELS.get(str(r["model"]))
+        if spec is None or not (Path(r["path"]) / "samples.png").is_file():
+            continue
+        if spec.family not in best or rank(r) < rank(best[spec.family]):
+            best[spec.family] = r
+    if not best:
+        raise ValueError("no run with a samples.png to show")
+    order = list(dict.fromkeys(spec.family for spec in MODELS.values()))
+    families = [f for f in order if f in best]
+    cols = min(4, len(families))
+    rows_n = -(-len(families) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.4 * cols, 3.6 * rows_n), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, family in zip(axes.flat, families):
+        r = best[family]
+        ax.imshow(mpimg.imread(Path(r["path"]) / "samples.png"))
+        nll = r.get("test_nll_nats")
+        unit = "image" if r.get("test_bits_per_dim") is not None else "point"
+        detail = f"{nll:.1f} nats/{unit}, {_method(r)}" if nll is not None else str(r.get("data", ""))
+        ax.set_title(f"{family}\n{r['model']} ({detail})" + (" [fast mode]" if r.get("fast_mode") else ""),
+                     fontsize=8)
     fig.tight_layout()
     return fig

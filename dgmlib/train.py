@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,9 @@ class History:
         step_loss: training loss of every optimisation step.
         best_epoch: epoch (0-based) whose weights were kept; -1 without validation data.
         seconds: wall-clock training time.
-        stopped_early: True if the time budget ended training before ``epochs``.
+        epochs: the number of epochs asked for.
+        stopped_by: what ended training: ``"epochs"`` (all of them ran), ``"early stopping"`` (``patience``
+            epochs without a better validation loss) or ``"time budget"`` (the safety cap, reported loudly).
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -42,7 +45,13 @@ class History:
     step_loss: list[float] = field(default_factory=list)
     best_epoch: int = -1
     seconds: float = 0.0
-    stopped_early: bool = False
+    epochs: int = 0
+    stopped_by: str = "epochs"
+
+    @property
+    def stopped_early(self) -> bool:
+        """True if training ended before ``epochs``, by early stopping or by the time budget."""
+        return self.stopped_by != "epochs"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict view, for JSON."""
@@ -89,6 +98,7 @@ def fit(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     clip_grad: float | None = None,
+    patience: int | None = None,
     time_budget: float | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -112,7 +122,12 @@ def fit(
         batch_size, lr, weight_decay, betas: minibatch size and Adam's settings (GANs train with
             ``betas=(0.5, 0.999)``, Radford et al. 2016).
         clip_grad: if set, clip the gradient norm to this value.
-        time_budget: if set, stop after this many seconds of training (checked every step).
+        patience: with ``val``, stop after this many epochs without a better validation loss (early
+            stopping); the best weights are kept either way. Deterministic, like ``epochs``.
+        time_budget: a safety cap in seconds, checked every step. Training is meant to be bounded by
+            ``epochs`` (and ``patience``), which give the same model on any machine; a run cut by the
+            clock depends on the machine's speed, so hitting the cap emits a ``RuntimeWarning`` and
+            sets ``History.stopped_by = "time budget"``.
         seed: seeds the shuffling and any noise the loss draws.
         progress: show a tqdm bar with the running loss.
         device: where to train (``"cpu"``, ``"cuda"``, ``"mps"``, a ``torch.device``).
@@ -138,6 +153,10 @@ def fit(
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     if time_budget is not None and time_budget <= 0:
         raise ValueError(f"time_budget must be positive seconds, got {time_budget}")
+    if patience is not None and (not isinstance(patience, int) or isinstance(patience, bool) or patience < 1):
+        raise ValueError(f"patience must be a positive integer of epochs, got {patience!r}")
+    if patience is not None and val is None:
+        raise ValueError("patience (early stopping) needs validation data: pass val")
     check_data(model, train, "train")
     if val is not None:
         check_data(model, val, "val")
@@ -149,7 +168,7 @@ def fit(
     train = place_data(train, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
     max_norm = math.inf if clip_grad is None else clip_grad
-    history = History()
+    history = History(epochs=epochs)
     best_val, best_state = math.inf, None
     start = time.perf_counter()
     bar = tqdm(range(epochs), disable=not progress, desc="fit", leave=True)
@@ -179,7 +198,7 @@ def fit(
                 total, count = total + loss_value * len(idx), count + len(idx)
                 bar.set_postfix({"loss": f"{total / count:.2f}"}, refresh=False)  # running mean this epoch
                 if time_budget is not None and time.perf_counter() - start > time_budget:
-                    history.stopped_early = True
+                    history.stopped_by = "time budget"
                     break
             history.train_loss.append(total / count)
             postfix = {"train": f"{history.train_loss[-1]:.2f}"}
@@ -191,7 +210,13 @@ def fit(
                     best_val, history.best_epoch = val_loss, epoch
                     best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix(postfix)
-            if history.stopped_early:
+            if history.stopped_by == "time budget":
+                warnings.warn(f"training stopped by the time budget of {time_budget:g} s after {epoch + 1} of "
+                              f"{epochs} epochs: the result depends on this machine's speed; lower the epochs "
+                              "instead to bound the run reproducibly", RuntimeWarning, stacklevel=2)
+                break
+            if patience is not None and epoch - history.best_epoch >= patience and epoch + 1 < epochs:
+                history.stopped_by = "early stopping"
                 break
         _restore(model, best_state)
     finally:

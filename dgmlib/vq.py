@@ -794,7 +794,7 @@ def fit_prior(model: VQVAE | VQVAE2, train: Tensor, val: Tensor | None = None, *
 
     Args:
         model: a trained ``VQVAE`` or ``VQVAE2``. train, val: images ``(N, 1, H, W)`` (levels).
-        fit_kwargs: passed to ``fit`` (epochs, lr, batch_size, time_budget, seed, progress, device).
+        fit_kwargs: passed to ``fit`` (epochs, lr, batch_size, patience, seed, progress, device).
 
     Returns:
         the prior's training ``History`` (its losses are ``-log p(c)`` in nats per image).

@@ -144,7 +144,7 @@ def test_every_image_model_builds_for_mnist(name, monkeypatch):
     digits_params = sum(p.numel() for p in spec.build(load_image_data("digits")).parameters())
     assert sum(p.numel() for p in model.parameters()) >= digits_params
     settings = spec.train_settings("mnist")
-    assert settings["batch_size"] >= 64 and settings["time_budget"] <= 900
+    assert settings["batch_size"] >= 64 and "time_budget" not in settings  # bounded by epochs, not the clock
     monkeypatch.setenv("DGM_FAST", "1")
     model = spec.build(d).to("meta").eval()
     with torch.no_grad():

@@ -10,6 +10,7 @@ from torch import nn
 
 from dgmlib import data, flows, plots
 from dgmlib.cli import main
+from dgmlib.models import MODELS
 from dgmlib.train import History, evaluate, fit, load_checkpoint, save_checkpoint
 
 
@@ -29,9 +30,40 @@ def test_fit_improves_and_keeps_best_weights():
     assert evaluate(flow, val) == evaluate(flow, val)  # evaluation noise is fixed
 
 
-def test_fit_time_budget_stops_early():
-    hist = fit(_small_flow(), data.load_digits("train"), epochs=1000, time_budget=0.5, progress=False)
-    assert hist.stopped_early and len(hist.train_loss) < 1000 and hist.seconds < 5
+def test_fit_time_budget_is_a_safety_cap_that_warns():
+    with pytest.warns(RuntimeWarning, match="time budget"):
+        hist = fit(_small_flow(), data.load_digits("train"), epochs=1000, time_budget=0.5, progress=False)
+    assert hist.stopped_by == "time budget" and hist.stopped_early and len(hist.train_loss) < 1000
+    assert hist.seconds < 5 and hist.epochs == 1000
+
+
+def test_fit_is_bounded_by_epochs_and_reproducible():
+    """The same call and seed give the same losses and weights however busy the machine is: nothing in
+    ``fit`` reads the clock to decide what to train."""
+    train, val = data.load_digits("train")[:256], data.load_digits("val")[:128]
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        flow = _small_flow()
+        hist = fit(flow, train, val, epochs=3, seed=5, progress=False)
+        runs.append((hist, [p.detach().clone() for p in flow.parameters()]))
+    (h1, p1), (h2, p2) = runs
+    assert h1.stopped_by == "epochs" and not h1.stopped_early and len(h1.train_loss) == h1.epochs == 3
+    assert h1.step_loss == h2.step_loss and h1.val_loss == h2.val_loss
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_fit_stops_early_after_patience_epochs_without_progress():
+    train, val = data.load_digits("train")[:128], data.load_digits("val")[:64]
+    torch.manual_seed(0)
+    hist = fit(_small_flow(), train, val, epochs=200, lr=3e-2, patience=2, progress=False)
+    assert hist.stopped_by == "early stopping" and len(hist.val_loss) < 200
+    assert len(hist.val_loss) - 1 - hist.best_epoch == 2  # stopped exactly `patience` epochs after the best
+    assert min(hist.val_loss[-2:]) >= hist.val_loss[hist.best_epoch]
+    with pytest.raises(ValueError, match="patience"):
+        fit(_small_flow(), train, val, epochs=2, patience=0, progress=False)
+    with pytest.raises(ValueError, match="validation"):
+        fit(_small_flow(), train, None, epochs=2, patience=3, progress=False)
 
 
 def test_fit_raises_on_nan_loss():
@@ -100,6 +132,70 @@ def test_cli_train_fast(tmp_path):
         assert key in metrics
     assert metrics["test_bits_per_dim"] == pytest.approx(metrics["test_nll_nats"] / (64 * 0.6931471805599453))
     assert (out / "samples.png").stat().st_size > 0 and (out / "model.pt").exists()
+
+
+def test_cli_reports_what_stopped_training(tmp_path, capsys):
+    """``metrics.json`` says what ended training; a run cut by the safety cap says so loudly."""
+    out = tmp_path / "r"
+    assert main(["train", "nice", "--fast", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_by"] == "epochs" and metrics["epochs"] == metrics["epochs_run"] == 2
+    assert "warning" not in metrics
+    capsys.readouterr()
+    assert main(["train", "nice", "--fast", "--epochs", "500", "--time-cap", "0.2", "--out", str(out),
+                 "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stopped_by"] == "time budget" and metrics["epochs_run"] < 500 == metrics["epochs"]
+    assert "time cap" in metrics["warning"] and "WARNING" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "nice", "--time-cap", "0"])
+
+
+def test_every_default_training_is_bounded_by_epochs():
+    """No registry entry trains against the clock: ``train_settings`` carries epochs, never a time budget."""
+    for name, spec in MODELS.items():
+        for kind in ("digits", "mnist", "toy2d"):
+            settings = spec.train_settings(kind)
+            assert "time_budget" not in settings, name
+            assert isinstance(settings["epochs"], int) and settings["epochs"] >= 1, name
+
+
+def test_the_catalog_is_the_registrys():
+    """``dgm list`` and ``dgm --help`` read ``catalog.json``; it must say what the registry says."""
+    from dgmlib import catalog
+
+    assert catalog.load() == catalog.build(), "catalog.json is out of date: run python -m dgmlib.catalog"
+
+
+@pytest.mark.parametrize("argv", [["list"], ["--help"], ["train", "--help"], ["train", "vae", "--help"]])
+def test_listing_and_help_never_import_torch(argv):
+    """They answer in well under a second because nothing heavy is imported: not torch, numpy, matplotlib or
+    nbformat (checked by module, not by a timed assertion)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dgmlib.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'nbformat', 'sklearn') if m in sys.modules))"
+            % (argv,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_figures_made_in_fast_mode_say_so(monkeypatch, tmp_path):
+    """Every pyplot figure made under DGM_FAST=1 (a lecture's own, or ``dgm train``'s) carries the fast-mode
+    label; in full mode none does."""
+    def labels(fig):
+        return [t.get_text() for t in fig.texts if t.get_gid() == "dgm-fast-mode"]
+
+    monkeypatch.setenv("DGM_FAST", "1")
+    fig, _ = plt.subplots()
+    assert labels(fig) == [plots.FAST_MODE_LABEL]
+    assert labels(plots.image_grid(torch.rand(4, 1, 8, 8))) == [plots.FAST_MODE_LABEL]
+    plt.close("all")
+    monkeypatch.setenv("DGM_FAST", "0")
+    fig, _ = plt.subplots()
+    assert labels(fig) == []
+    plt.close("all")
 
 
 def test_cli_rejects_unknown_model():
@@ -223,6 +319,20 @@ def test_cli_results_gathers_runs_into_a_table_and_a_figure(tmp_path, capsys):
     assert "| prior=flow | digits | 89.25 |" in vae_table and "| 11.34 | 6.65 ± 0.01 |" in vae_table
     assert "| 16/16 | 150 | 347 (39) |" in vae_table
     assert "**ddpm**" in out and "**ffjord**" in out  # a run missing metrics leaves empty cells, no KeyError
+    rows[0].update(stopped_by="early stopping")
+    rows[1].update(stopped_by="time budget", epochs_run=5, best_epoch=4)
+    for i in (0, 1):
+        (runs / str(i) / "metrics.json").write_text(json.dumps(rows[i]))
+    with pytest.raises(SystemExit):  # no run has samples.png yet
+        main(["results", str(runs), "--details", "--gallery", str(tmp_path / "g.png")])
+    capsys.readouterr()
+    for i in (0, 1):
+        plt.imsave(runs / str(i) / "samples.png", torch.rand(16, 16).numpy(), cmap="gray")
+    assert main(["results", str(runs), "--details", "--gallery", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| 347 (39), early stop |" in out and "5 (4), CUT BY THE TIME CAP |" in out
+    assert "| cuda (cut by the time cap) |" in out
+    assert (tmp_path / "g.png").stat().st_size > 0 and "gallery:" in out
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         main(["results", str(tmp_path / "empty")])
