@@ -30,6 +30,9 @@ SETUP_ID = "colab_setup"  # the setup cell's id, and its nbgrader grade_id in so
 STAMP_COMMAND = "python -m dgmlib.colab"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 _BADGE = re.compile(r" ?\[!\[Open in Colab\]\([^)]*\)\]\([^)]*\)")
+# any Colab address of a notebook of some repository (the README's other badges, e.g. its quick start's)
+_COLAB_ADDRESS = re.compile(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/[^/\s)]+/"
+                            r"([^\s)]+\.ipynb)")
 
 
 def pip_requirement() -> str:
@@ -141,6 +144,8 @@ def readme_with_badges(readme: str, notebooks: Sequence[str]) -> str:
     The syllabus is the section from the ``## Syllabus`` heading to the next ``## `` heading; each
     path (e.g. ``assignments/hw2_flows/hw2_flows.ipynb``) must be linked there as ``[`name`](path)``.
     Badges of notebooks not listed (e.g. removed ones) are dropped; topics without a link get none.
+    Every other Colab address in ``readme`` (such as the quick start's badge of lecture 01) is rewritten to
+    ``colab_url`` of the same notebook, so that a fork's README points at the fork.
 
     Raises:
         ValueError: if the README has no syllabus section, or a notebook has no link in it.
@@ -157,7 +162,12 @@ def readme_with_badges(readme: str, notebooks: Sequence[str]) -> str:
         section = section.replace(link, f"{link} {badge(path)}", 1)
     if missing:
         raise ValueError(f"README.md's syllabus does not link {', '.join(missing)}: add a link, then run again")
-    return readme[:match.start()] + section + readme[match.end():]
+
+    def current(found: re.Match) -> str:
+        return colab_url(found.group(1))
+
+    before, after = (_COLAB_ADDRESS.sub(current, part) for part in (readme[:match.start()], readme[match.end():]))
+    return before + section + after
 
 
 def main(argv: Sequence[str] | None = None) -> int:

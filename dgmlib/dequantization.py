@@ -1,4 +1,4 @@
-"""Discrete data and continuous models: discretization through a CDF, and dequantization bounds.
+r"""Discrete data and continuous models: discretization through a CDF, and dequantization bounds.
 
 Images are discrete: each of the ``D`` values of an example is a level ``y`` in ``{0, ..., K-1}``
 (``K = 17`` for the 8x8 digits, 256 for MNIST). There are two ways to give them a likelihood.
@@ -16,18 +16,25 @@ Sec. 2.1 and Eq. 2; Ho et al. 2020, Eq. 13). Here:
 
 **Dequantization** keeps a continuous density ``p(x)`` on ``[0, 1)^D`` and bounds the discrete
 negative log-likelihood. With ``x = (y + u) / K`` and ``u`` in ``[0, 1)^D`` the change of variables
-gives the exact identity (the factor ``K^{-D}`` is the Jacobian of ``u -> x``)
+gives the exact identity (the factor :math:`K^{-D}` is the Jacobian of :math:`u \mapsto x`)
 
-    P(y) = ∫_{[0,1)^D} p((y + u) / K) K^{-D} du,
+.. math::
 
-and for any density ``q(u | y)`` on ``[0, 1)^D`` Jensen's inequality gives the bounds (nats per example)
+    P(y) = \int_{[0,1)^D} p\Big(\frac{y + u}{K}\Big) K^{-D} \, du,
 
-    -log P(y) <= E_q[-log p((y + u)/K) + log q(u | y)] + D log K            (variational, Flow++ Eq. 5)
-    -log P(y) <= E[-log (1/k) Σ_j p((y + u_j)/K) K^{-D} / q(u_j | y)]       (importance-weighted, Flow++ Eq. 12)
+and for any density :math:`q(u \mid y)` on :math:`[0, 1)^D` Jensen's inequality gives the bounds (nats per
+example): the variational bound (Flow++ Eq. 5) and the importance-weighted bound (Flow++ Eq. 12)
 
-The uniform bound is the variational one with ``q = U[0, 1)^D`` (``log q = 0``; Theis et al. 2016,
-Sec. 3.1). The gap of the variational bound is ``KL(q(u|y) || p((y+u)/K) K^{-D} / P(y))``, zero for
-that optimal ``q``; the importance-weighted bound is non-increasing in ``k`` on average and equals
+.. math::
+
+    -\log P(y) &\le \mathbb{E}_{q}\Big[-\log p\Big(\frac{y + u}{K}\Big) + \log q(u \mid y)\Big] + D \log K, \\
+    -\log P(y) &\le \mathbb{E}\Big[-\log \frac{1}{k} \sum_{j=1}^{k}
+        \frac{p((y + u_j)/K) \, K^{-D}}{q(u_j \mid y)}\Big], \quad u_1, \dots, u_k \sim q(u \mid y).
+
+The uniform bound is the variational one with :math:`q = U[0, 1)^D` (:math:`\log q = 0`; Theis et al. 2016,
+Sec. 3.1). The gap of the variational bound is
+:math:`\mathrm{KL}\big(q(u \mid y) \,\|\, p((y+u)/K) K^{-D} / P(y)\big)`, zero for that optimal
+:math:`q`; the importance-weighted bound is non-increasing in ``k`` on average and equals
 the variational one at ``k = 1`` (Burda et al. 2016, Theorem 1; Ho et al. 2019, Sec. 3.1).
 
 * ``check_levels``: the shared validation of integer levels;
@@ -281,7 +288,7 @@ def discretized_gaussian_log_prob(y: Tensor, mean: Tensor, log_scale: Tensor, nu
 
 
 def uniform_dequantize(y: Tensor, num_levels: int, generator: torch.Generator | None = None) -> Tensor:
-    """Map discrete levels to continuous data in [0, 1): ``x = (y + u) / K``, ``u ~ U[0, 1)^D``.
+    r"""Map discrete levels to continuous data in [0, 1): :math:`x = (y + u) / K`, :math:`u \sim U[0, 1)^D`.
 
     Args:
         y: integer levels of any shape, e.g. ``(B, C, H, W)``, values in ``{0..K-1}``.
@@ -309,15 +316,18 @@ def dequantized_nll(
     num_levels: int,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Upper bound on ``-log P(y)`` in nats per example from a continuous density on [0, 1)^D.
+    r"""Upper bound on :math:`-\log P(y)` in nats per example from a continuous density on [0, 1)^D.
 
-    With ``x = (y + u) / K`` the continuous density on ``[0, K)^D`` is ``p(x) K^{-D}`` (the
+    With :math:`x = (y + u) / K` the continuous density on :math:`[0, K)^D` is :math:`p(x) K^{-D}` (the
     scaling Jacobian), so Jensen's inequality gives the uniform-dequantization bound
 
-        log P(y) = log ∫ p((y+u)/K) K^{-D} du  >=  E_u[log p((y+u)/K)] - D log K.
+    .. math::
+
+        \log P(y) = \log \int p\Big(\frac{y+u}{K}\Big) K^{-D} \, du
+        \;\ge\; \mathbb{E}_u\Big[\log p\Big(\frac{y+u}{K}\Big)\Big] - D \log K.
 
     This returns a one-sample Monte-Carlo estimate of the right-hand side, negated:
-    ``-log p(x) + D log K``. Averaged over data and noise it is an upper bound on the discrete
+    :math:`-\log p(x) + D \log K`. Averaged over data and noise it is an upper bound on the discrete
     NLL. Convert it with ``nats_to_bits_per_dim`` for bits/dim.
 
     Args:
@@ -496,14 +506,17 @@ def variational_dequantization_nll(
     dequantizer=None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The variational-dequantization bound on ``-log P(y)``, one-sample estimate, nats per example.
+    r"""The variational-dequantization bound on :math:`-\log P(y)`, one-sample estimate, nats per example.
 
-    For a dequantization distribution ``q(u | y)`` on ``[0, 1)^D``, Jensen's inequality applied to
-    ``P(y) = E_q[p((y+u)/K) K^{-D} / q(u|y)]`` gives (Flow++, Ho et al. 2019, Eq. 5)
+    For a dequantization distribution :math:`q(u \mid y)` on :math:`[0, 1)^D`, Jensen's inequality applied to
+    :math:`P(y) = \mathbb{E}_q[p((y+u)/K) K^{-D} / q(u \mid y)]` gives (Flow++, Ho et al. 2019, Eq. 5)
 
-        -log P(y) <= E_q[-log p((y + u)/K) + log q(u | y)] + D log K.
+    .. math::
 
-    The gap is ``KL(q(u|y) || p((y+u)/K) K^{-D} / P(y))``: zero for that optimal ``q``. This returns
+        -\log P(y) \le \mathbb{E}_q\Big[-\log p\Big(\frac{y + u}{K}\Big) + \log q(u \mid y)\Big] + D \log K.
+
+    The gap is :math:`\mathrm{KL}\big(q(u \mid y) \,\|\, p((y+u)/K) K^{-D} / P(y)\big)`: zero for that optimal
+    :math:`q`. This returns
     the bracket at one draw ``u ~ q(u | y)``, which is differentiable in ``q``'s parameters through
     the reparametrization, so training ``p`` and ``q`` jointly on its mean tightens the bound.
 
@@ -537,11 +550,14 @@ def importance_weighted_dequantization_nll(
     k: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The importance-weighted dequantization bound with ``k`` samples, nats per example.
+    r"""The importance-weighted dequantization bound with ``k`` samples, nats per example.
 
-    With ``u_1..u_k ~ q(u | y)`` independently (Flow++, Ho et al. 2019, Eq. 12),
+    With :math:`u_1, \dots, u_k \sim q(u \mid y)` independently (Flow++, Ho et al. 2019, Eq. 12),
 
-        -log P(y) <= E[-log (1/k) Σ_j p((y + u_j)/K) K^{-D} / q(u_j | y)],
+    .. math::
+
+        -\log P(y) \le \mathbb{E}\Big[-\log \frac{1}{k} \sum_{j=1}^{k}
+        \frac{p((y + u_j)/K) \, K^{-D}}{q(u_j \mid y)}\Big],
 
     computed with ``logsumexp`` over the ``k`` log-weights. The expectation is non-increasing in
     ``k`` and tends to ``-log P(y)`` as ``k -> inf`` (Burda et al. 2016, Theorem 1); at ``k = 1`` the

@@ -1,13 +1,16 @@
-"""Denoising diffusion probabilistic models (DDPM): schedules, the forward process, L_simple,
+r"""Denoising diffusion probabilistic models (DDPM): schedules, the forward process, L_simple,
 ancestral and DDIM sampling, and the variational bound in nats and bits/dim.
 
 Notation and equations follow Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models":
 
-* forward process (Eq. 2): q(x_t | x_{t-1}) = N(x_t; sqrt(1 - β_t) x_{t-1}, β_t I);
-* closed form (Eq. 4): q(x_t | x_0) = N(x_t; sqrt(ᾱ_t) x_0, (1 - ᾱ_t) I), α_t = 1 - β_t, ᾱ_t = Π_{s≤t} α_s;
-* posterior (Eq. 6-7): q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I) with β̃_t = β_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t);
-* bound (Eq. 5): L = L_T + Σ_{t=2}^T L_{t-1} + L_0; training objective L_simple (Eq. 14, Algorithm 1);
-  sampling, Algorithm 2. DDIM: Song, Meng & Ermon 2021, Eq. 12. Cosine schedule: Nichol & Dhariwal
+* forward process (Eq. 2): :math:`q(x_t \mid x_{t-1}) = \mathcal{N}(x_t; \sqrt{1 - \beta_t}\, x_{t-1}, \beta_t I)`;
+* closed form (Eq. 4): :math:`q(x_t \mid x_0) = \mathcal{N}(x_t; \sqrt{\bar\alpha_t}\, x_0, (1 - \bar\alpha_t) I)`,
+  :math:`\alpha_t = 1 - \beta_t`, :math:`\bar\alpha_t = \prod_{s \le t} \alpha_s`;
+* posterior (Eq. 6-7): :math:`q(x_{t-1} \mid x_t, x_0) = \mathcal{N}(\tilde\mu_t, \tilde\beta_t I)` with
+  :math:`\tilde\beta_t = \beta_t (1 - \bar\alpha_{t-1}) / (1 - \bar\alpha_t)`;
+* bound (Eq. 5): :math:`L = L_T + \sum_{t=2}^{T} L_{t-1} + L_0`; training objective
+  :math:`L_\text{simple} = \mathbb{E}_{t, x_0, \epsilon} \|\epsilon - \epsilon_\theta(x_t, t)\|^2`
+  (Eq. 14, Algorithm 1); sampling, Algorithm 2. DDIM: Song, Meng & Ermon 2021, Eq. 12. Cosine schedule: Nichol & Dhariwal
   2021, Eq. 17.
 
 **Indexing.** Timesteps are t = 1..T as in the paper, everywhere in this module's interface: a
@@ -163,7 +166,8 @@ def q_mean_variance(schedule: NoiseSchedule, x0: Tensor, t: Tensor) -> tuple[Ten
 
 def q_sample(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor | None = None,
              generator: torch.Generator | None = None) -> Tensor:
-    """Draw x_t ~ q(x_t | x_0) in one step: ``sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε`` (Ho et al. Eq. 4).
+    r"""Draw :math:`x_t \sim q(x_t \mid x_0)` in one step (Ho et al. Eq. 4):
+    :math:`x_t = \sqrt{\bar\alpha_t}\, x_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon`.
 
     Args:
         x0: clean data ``(B, ...)``.
@@ -186,10 +190,14 @@ def q_sample(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor | Non
 
 def q_posterior_mean_variance(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor,
                               t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The forward-process posterior q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I) (Ho et al. Eq. 6-7).
+    r"""The forward-process posterior :math:`q(x_{t-1} \mid x_t, x_0) = \mathcal{N}(\tilde\mu_t, \tilde\beta_t I)`
+    (Ho et al. Eq. 6-7):
 
-    ``μ̃_t = β_t sqrt(ᾱ_{t-1}) / (1 - ᾱ_t) x0 + (1 - ᾱ_{t-1}) sqrt(α_t) / (1 - ᾱ_t) x_t``,
-    ``β̃_t = β_t (1 - ᾱ_{t-1}) / (1 - ᾱ_t)``.
+    .. math::
+
+        \tilde\mu_t = \frac{\beta_t \sqrt{\bar\alpha_{t-1}}}{1 - \bar\alpha_t}\, x_0
+            + \frac{(1 - \bar\alpha_{t-1}) \sqrt{\alpha_t}}{1 - \bar\alpha_t}\, x_t, \qquad
+        \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\, \beta_t.
 
     Returns:
         ``(mean, variance, log_variance)``: the mean shaped like ``x0``; the variance and the clipped
@@ -359,8 +367,9 @@ class DDPM(nn.Module):
         return predict_eps_from_x0(self.schedule, x_t, t, out), out
 
     def training_loss(self, batch: Tensor) -> Tensor:
-        """L_simple (Ho et al. Eq. 14, Algorithm 1) per example, ``(B,)``: mean over dimensions of
-        ``(ε - ε_θ(x_t, t))²`` (or of ``(x_0 - x̂_0)²``), t ~ U{1..T}, ε ~ N(0, I).
+        r"""L_simple (Ho et al. Eq. 14, Algorithm 1) per example, ``(B,)``: mean over dimensions of
+        :math:`(\epsilon - \epsilon_\theta(x_t, t))^2` (or of :math:`(x_0 - \hat x_0)^2`),
+        :math:`t \sim U\{1, \dots, T\}`, :math:`\epsilon \sim \mathcal{N}(0, I)`.
 
         Not a likelihood: a reweighted bound with the weights dropped (the lecture derives it).
         """
@@ -394,7 +403,8 @@ class DDPM(nn.Module):
 
     @torch.no_grad()
     def p_sample(self, x_t: Tensor, t: int, variance: str = "beta", generator: torch.Generator | None = None) -> Tensor:
-        """One step of Algorithm 2: ``x_{t-1} = μ_θ(x_t, t) + σ_t z``, z ~ N(0, I) for t > 1, z = 0 at t = 1.
+        r"""One step of Algorithm 2: :math:`x_{t-1} = \mu_\theta(x_t, t) + \sigma_t z`, :math:`z \sim \mathcal{N}(0, I)`
+        for :math:`t > 1`, :math:`z = 0` at :math:`t = 1`.
 
         ``x_t`` ``(B, *event_shape)``; ``t`` one integer in 1..T. Raises ``ValueError`` for t outside 1..T.
         """

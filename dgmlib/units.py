@@ -1,7 +1,14 @@
-"""Units of likelihood: nats and bits per dimension.
+r"""Units of likelihood: nats and bits per dimension.
 
 Every model of discrete images in the course reports its negative log-likelihood in nats per
-example and converts it with ``nats_to_bits_per_dim`` so that numbers compare across lectures.
+example and converts it with ``nats_to_bits_per_dim`` so that numbers compare across lectures:
+
+.. math::
+
+    \text{bits/dim} = \frac{\text{nats}}{D \ln 2},
+
+with :math:`D` the number of dimensions (64 for the 8×8 digits, 784 for MNIST). The uniform
+distribution over :math:`K` levels scores :math:`\log_2 K` bits/dim (4.09 for :math:`K = 17`).
 
 ``check_levels``, ``uniform_dequantize`` and ``dequantized_nll`` are re-exported for compatibility;
 the home is ``dgmlib.dequantization`` (with the variational and importance-weighted bounds).
@@ -23,9 +30,10 @@ LN2 = math.log(2.0)
 
 
 def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
-    """Convert a negative log-likelihood per example in nats to bits per dimension.
+    r"""Convert a negative log-likelihood per example in nats to bits per dimension.
 
-    ``bits/dim = nats / (D * ln 2)`` with ``D = num_dims`` (64 for 8x8 digits).
+    :math:`\text{bits/dim} = \text{nats} / (D \ln 2)` with :math:`D` = ``num_dims`` (64 for 8x8 digits).
+    Shapes: a tensor of any shape (each entry converted) or a float.
 
     Raises:
         ValueError: if ``num_dims`` is not a positive integer.
@@ -35,7 +43,9 @@ def nats_to_bits_per_dim(nats: Tensor | float, num_dims: int) -> Tensor | float:
 
 
 def bits_per_dim_to_nats(bits_per_dim: Tensor | float, num_dims: int) -> Tensor | float:
-    """Convert bits per dimension back to nats per example (inverse of ``nats_to_bits_per_dim``).
+    r"""Convert bits per dimension back to nats per example (inverse of ``nats_to_bits_per_dim``).
+
+    :math:`\text{nats} = \text{bits/dim} \cdot D \ln 2` with :math:`D` = ``num_dims``; any shape, or a float.
 
     Raises:
         ValueError: if ``num_dims`` is not a positive integer.

@@ -1,4 +1,13 @@
-"""Variational autoencoders: ELBO, IWAE, ELBO surgery, learnable priors and discrete decoders.
+r"""Variational autoencoders: ELBO, IWAE, ELBO surgery, learnable priors and discrete decoders.
+
+The two bounds on :math:`\log P(y)`, in nats per example (Kingma & Welling 2014, Eq. 3; Burda et al. 2016, Eq. 8):
+
+.. math::
+
+    \log P(y) \;\ge\; \mathbb{E}_{q(z \mid y)}[\log p(y \mid z)] - \mathrm{KL}\big(q(z \mid y) \,\|\, p(z)\big)
+    \quad \text{(the ELBO)}, \qquad
+    \log P(y) \;\ge\; \mathbb{E}\Big[\log \frac{1}{k} \sum_{s=1}^{k} \frac{p(y, z_s)}{q(z_s \mid y)}\Big]
+    \quad \text{(IWAE)}.
 
 Conventions used throughout:
 
@@ -81,7 +90,8 @@ def _check_positive_int(value: int, name: str) -> None:
 
 def reparameterize(mu: Tensor, log_var: Tensor, num_samples: int | None = None,
                    generator: torch.Generator | None = None) -> Tensor:
-    """Reparametrization trick ``z = mu + exp(log_var / 2) * eps``, ``eps ~ N(0, I)``.
+    r"""Reparametrization trick :math:`z = \mu + e^{\log\sigma^2 / 2} \odot \epsilon`,
+    :math:`\epsilon \sim \mathcal{N}(0, I)` (``mu`` is :math:`\mu`, ``log_var`` is :math:`\log \sigma^2`).
 
     Gradients flow to ``mu`` and ``log_var`` through the deterministic map; the noise does not
     depend on them (Kingma & Welling 2014, Sec. 2.4).
@@ -119,9 +129,10 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 def kl_normal_standard(mu: Tensor, log_var: Tensor) -> Tensor:
-    """Analytic ``KL(N(mu, diag(exp(log_var))) || N(0, I))`` in nats, shape ``(B,)`` for ``(B, L)`` inputs.
+    r"""Analytic ``KL(N(mu, diag(exp(log_var))) || N(0, I))`` in nats, shape ``(B,)`` for ``(B, L)`` inputs.
 
-    ``KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - 1 - log sigma_j^2)`` (Kingma & Welling 2014, App. B).
+    :math:`\mathrm{KL} = \frac{1}{2} \sum_j \big(\mu_j^2 + \sigma_j^2 - 1 - \log \sigma_j^2\big)` (Kingma & Welling
+    2014, App. B).
 
     Raises:
         TypeError/ValueError: for non-float, non-finite or mismatched inputs.
@@ -145,10 +156,10 @@ def kl_normal(mu_q: Tensor, log_var_q: Tensor, mu_p: Tensor, log_var_p: Tensor) 
 
 
 def iwae_bound(log_weights: Tensor) -> Tensor:
-    """Importance-weighted bound ``log (1/k) sum_s w_s`` from log-weights, nats, shape ``(B,)``.
+    r"""Importance-weighted bound :math:`\log \frac{1}{k} \sum_{s=1}^{k} w_s` from log-weights, nats, shape ``(B,)``.
 
-    With ``log w_s = log p(x, z_s) - log q(z_s|x)`` and ``z_s ~ q(z|x)``, this is Burda et al. 2016,
-    Eq. 8. With ``k = 1`` it is the ELBO; its expectation increases with ``k`` towards ``log p(x)``.
+    With :math:`\log w_s = \log p(x, z_s) - \log q(z_s \mid x)` and :math:`z_s \sim q(z \mid x)`, this is Burda et al.
+    2016, Eq. 8. With ``k = 1`` it is the ELBO; its expectation increases with ``k`` towards ``log p(x)``.
     Computed with ``logsumexp`` so that weights of -1000 nats do not underflow.
 
     Args:

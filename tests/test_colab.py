@@ -98,9 +98,11 @@ def test_readme_has_a_colab_badge_for_each_lecture_and_assignment():
 def test_readme_badges_are_rewritten_for_a_fork(monkeypatch):
     readme = (ROOT / "README.md").read_text()
     paths = [p.relative_to(ROOT).as_posix() for p in LECTURES + ASSIGNMENTS]
+    original = colab.REPOSITORY
     monkeypatch.setattr(colab, "REPOSITORY", "someone/fork")
     forked = colab.readme_with_badges(readme, paths)
     assert "someone/fork" in forked and forked.count("[![Open in Colab]") == len(paths)
+    assert original not in forked  # the quick start's badge of lecture 01 too
     with pytest.raises(ValueError, match="does not link"):
         colab.readme_with_badges(readme, paths + ["lectures/99_missing.ipynb"])
 
