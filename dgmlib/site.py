@@ -271,7 +271,7 @@ def _syllabus_page(readme: str, lectures: Sequence[str], assignments: Sequence[s
 
 
 GALLERY_CAPTION = ("Samples of every model family from the full-size runs "
-                   "(`dgm results runs/ --gallery docs/gallery.png`)")
+                   "(`dgm results runs/full --gallery docs/gallery.png`)")
 
 
 def _results_page(readme: str, runs: Path | None, static: Path) -> str:
