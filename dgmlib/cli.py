@@ -50,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dgm`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["site"]:
-        from dgmlib import site
-
+        try:
+            from dgmlib import site
+        except ModuleNotFoundError as err:
+            print(f"dgm site: the website needs the site extra ({err.name} is missing): "
+                  'pip install "dgmlib[site]"', file=sys.stderr)
+            return 2
         return site.main(argv[1:])
     parser = argparse.ArgumentParser(prog="dgm", description="Deep Generative Models course tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     gr = sub.add_parser("grade", help="autograde every submission of an assignment (sandboxed, in parallel)")
     gr.add_argument("assignment", help="assignment name, e.g. hw2_flows")
     gr.add_argument("--course", default=".", help="nbgrader course root (default: .)")
+    gr.add_argument("--student", action="append", default=None, metavar="ID",
+                    help="(re)grade only this student's submission, e.g. a late or corrected one; repeatable. The "
+                         "others keep their last results, and the export and the report still cover the class")
     gr.add_argument("--jobs", type=int, default=None, help="parallel graders (default: number of cores)")
     gr.add_argument("--timeout", type=int, default=300, help="per-cell timeout in seconds (default: 300)")
     gr.add_argument("--submission-timeout", type=int, default=None,
@@ -108,14 +115,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gallery: {args.gallery}")
         return 0
     if args.command == "grade":
-        from dgmlib.grading.classroom import format_report, grade_assignment
-
+        try:
+            from dgmlib.grading.classroom import format_report, grade_assignment
+        except ModuleNotFoundError as err:
+            parser.error(f"grading needs the grade extra ({err.name} is missing): pip install \"dgmlib[grade]\"")
         limits = {} if args.memory_mb is None else {"memory_mb": args.memory_mb}
         if args.similarity is not None:
             limits["similarity_threshold"] = args.similarity
-        results = grade_assignment(args.assignment, Path(args.course), jobs=args.jobs, cell_timeout=args.timeout,
-                                   submission_timeout=args.submission_timeout, fast=not args.full,
-                                   use_sandbox=not args.no_sandbox, **limits)
+        try:
+            results = grade_assignment(args.assignment, Path(args.course), jobs=args.jobs, cell_timeout=args.timeout,
+                                       submission_timeout=args.submission_timeout, fast=not args.full,
+                                       use_sandbox=not args.no_sandbox, students=args.student, **limits)
+        except FileNotFoundError as err:
+            parser.error(str(err))
         print(format_report(args.assignment, results), end="")
         print(f"grades: {Path(args.course) / 'grades.csv'}; report: {Path(args.course) / 'reports' / args.assignment}.txt")
         return 0

@@ -15,6 +15,7 @@ import copy
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,17 @@ def test_grading_a_class(tmp_path, name):
     # copies are reported, never zeroed: the solution itself, and the blank release copies nothing
     assert any(s.startswith(f"solutions/{name} ") for s in results["honest"].similar), report
     assert not results["blank"].similar, report
+    # the blank release is one line, "not attempted"; whoever wrote code is attempted
+    assert results["blank"].not_attempted and not results["blank"].failure, report
+    assert re.search(r"^blank +not attempted +[\d.]+ s$", report, flags=re.M), report
+    assert not any(results[s].not_attempted for s in ("honest", "innocent", "partial") if s in results), report
+    # the score at a glance: the autograded points, and the written answers pending until graded by hand
+    honest = results["honest"]
+    assert honest.auto_score == honest.auto_max == sum(spec["scores"]["honest"].values()), report
+    assert honest.manual_max == honest.manual_pending == max_score - honest.auto_max, report
+    glance = f"auto {honest.auto_score:g}/{honest.auto_max:g}" + (
+        f", manual {honest.manual_pending:g} pending" if honest.manual_max else "")
+    assert re.search(rf"^honest +{re.escape(glance)} ", report, flags=re.M), report
     # in the kernel, every test cell of the exec-hidden tamper failed on its own
     assert all(any(c.startswith(f"{g} (TamperingError)") for c in results["tamper_exec"].crashed)
                for g in auto_cells), report
@@ -194,6 +206,20 @@ def test_grading_a_class(tmp_path, name):
     assert "escape won: []" in _printed(course, "escape", name, notebook_file.name), report
     assert "instructor files found: 0" in _printed(course, "read_solutions", name, notebook_file.name), report
     assert not list(Path(classroom.__file__).parents[1].rglob("dgm_planted.py"))  # nothing planted in dgmlib
+    if name == ASSIGNMENTS[1]:  # one student regraded (`dgm grade --student`): the class keeps its results
+        before = {row["student_id"]: row["score"] for row in csv.DictReader(open(course / "grades.csv", newline=""))}
+        assert main(["grade", name, "--course", str(course), "--jobs", "1", "--timeout", timeout,
+                     "--student", "honest"]) == 0
+        again = {r["student"]: classroom.StudentResult(**r)
+                 for r in json.loads((course / "reports" / f"{name}.json").read_text())}
+        assert set(again) == set(results) | set(broken), "the report lost students"
+        for student in results:
+            assert again[student].score == results[student].score, student
+        assert again["honest"].similar and again["blank"].not_attempted
+        after = {row["student_id"]: row["score"] for row in csv.DictReader(open(course / "grades.csv", newline=""))}
+        assert after == before
+        with pytest.raises(SystemExit):  # a student without a submission is refused by name
+            main(["grade", name, "--course", str(course), "--student", "nobody"])
     # the gradebook, the solutions and everyone's files survived
     assert (course / "gradebook.db").exists() and (course / "solutions" / name / notebook_file.name).exists()
     for student in submissions:

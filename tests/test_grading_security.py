@@ -319,7 +319,7 @@ def test_hw4_policy_flags_the_answers_of_the_quantizer_and_the_vqvae(cell, code,
              "prior = autoregressive.GatedPixelCNN((1, 2, 2), num_levels=32)")
     assert review.review_source([("stage2", "", tools)], policy) == []
 
-# ---------------------------------------------------------------- similarity (copydetect)
+# ---------------------------------------------------------------- similarity (winnowing; more in test_similarity.py)
 
 
 def test_similarity_finds_renamed_copies_and_copies_of_dgmlib():

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,13 @@ from dgmlib.grading.untrusted import read_regular_file  # noqa: F401 - the grade
 
 @dataclass
 class StudentResult:
-    """One student's outcome: score, and what went wrong or looked suspicious."""
+    """One student's outcome: score, and what went wrong or looked suspicious.
+
+    ``score`` and ``max_score`` are nbgrader's totals. They split into the autograded cells (``auto_score`` of
+    ``auto_max``) and the manually graded ones (``manual_score`` of ``manual_max`` given so far, and
+    ``manual_pending`` points still to grade in formgrader). ``not_attempted``: no solution cell differs from the
+    release, and the student added no code.
+    """
 
     student: str
     score: float = 0.0
@@ -52,10 +59,16 @@ class StudentResult:
     autograded_before_review: float | None = None
     similar: list[str] = field(default_factory=list)
     failure: str = ""
+    not_attempted: bool = False
+    auto_score: float = 0.0
+    auto_max: float = 0.0
+    manual_score: float = 0.0
+    manual_max: float = 0.0
+    manual_pending: float = 0.0
 
 
 def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None = None,
-                     cell_timeout: int = 300, submission_timeout: int | None = None,
+                     cell_timeout: int = 300, students: Sequence[str] | None = None, submission_timeout: int | None = None,
                      memory_mb: int = sandbox.DEFAULT_MEMORY_MB, output_kb: int = sandbox.DEFAULT_OUTPUT_KB,
                      fast: bool = True, use_sandbox: bool = True, zero_flagged: bool = True,
                      similarity_threshold: float = similarity.DEFAULT_THRESHOLD) -> list[StudentResult]:
@@ -69,10 +82,15 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     (``solutions/ASSIGNMENT/judge.py``), with the copy of dgmlib whose answers are withheld
     (``strip.stripped_copy``, ``DGM_STRIPPED_LIBRARY``).
 
+    With ``students``, only those submissions are (re)graded, e.g. a late or corrected one: the others keep the
+    results of the last report (``reports/ASSIGNMENT.json``), the near-copies are compared again across the whole
+    class, and the export and the report cover everyone.
+
     Args:
         assignment: the assignment name (a folder of ``solutions/``).
         course: the nbgrader course root (holding ``nbgrader_config.py``).
         jobs: parallel graders (default: the number of cores).
+        students: the student ids to grade (default: every ``submitted/*/ASSIGNMENT``).
         cell_timeout: nbgrader's per-cell timeout in seconds.
         submission_timeout: wall-clock limit for one whole submission (default: 4 x cell_timeout + 120).
         memory_mb, output_kb: the kernel's memory limit and output budget per stream.
@@ -88,7 +106,8 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         ``reports/ASSIGNMENT.json`` and ``reports/ASSIGNMENT.txt`` under ``course``.
 
     Raises:
-        FileNotFoundError: if the course, assignment or submissions are missing.
+        FileNotFoundError: if the course, assignment or submissions are missing, or a student named in
+            ``students`` has no submission.
         RuntimeError: if nbgrader cannot generate the assignment (its log is named), or if the sandbox has
             no seccomp filter for this machine.
     """
@@ -98,9 +117,15 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     if not (course / "solutions" / assignment).is_dir():
         raise FileNotFoundError(f"no source assignment solutions/{assignment} in {course}")
     # every entry, folder or not: check_submission says why one that is not a folder is not graded
-    students = sorted({p.parent.name for p in (course / "submitted").glob(f"*/{assignment}")})
-    if not students:
+    submitted = sorted({p.parent.name for p in (course / "submitted").glob(f"*/{assignment}")})
+    if not submitted:
         raise FileNotFoundError(f"no submissions found in {course}/submitted/*/{assignment}")
+    if students is not None:
+        missing = sorted(set(students) - set(submitted))
+        if missing:
+            raise FileNotFoundError(f"no submission of {assignment} in {course}/submitted for "
+                                    f"{', '.join(missing)}")
+    students = submitted if students is None else sorted(set(students))
     if use_sandbox and sandbox.bwrap_path() is None:
         warnings.warn("bubblewrap (bwrap) is not installed: submissions will run WITHOUT a sandbox and can "
                       "change or delete any file you can, the gradebook included. Grade on Linux with "
@@ -146,6 +171,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             "JUPYTER_RUNTIME_DIR": str(private / "runtime"),
             "DGM_COURSE_ROOT": str(course),
             "DGM_FAST": "1" if fast else "0",
+            "DGM_FAST_LOCKED": "1",  # the notebook's fast switch cannot change the class's mode (config.set_fast_mode)
             "DGM_SANDBOX_MEMORY_MB": str(memory_mb),
             "DGM_SANDBOX_OUTPUT_KB": str(output_kb),
             "DGM_SANDBOX_CPU_SECONDS": str(submission_timeout * 2),
@@ -201,21 +227,91 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(grade_one, students))
 
+    release = {p.stem: untrusted.read_notebook(p) for p in (course / "assignments" / assignment).glob("*.ipynb")}
     for result in results:
         if result.student in refused:
             continue
         try:
             _review_student(course, assignment, result, policies, instructor_cells, zero_flagged)
+            result.not_attempted = _not_attempted(course / "submitted" / result.student / assignment, release,
+                                                  instructor_cells)
         except (OSError, ValueError) as err:  # a notebook that is not a regular file, too large, not JSON
             result.failure = result.failure or f"its notebooks could not be reviewed: {err}"
+    if students != submitted:  # a regrade: the others keep their last results
+        previous = _previous_results(course, assignment)
+        results += [previous[s] for s in submitted if s not in students and s in previous]
+        results.sort(key=lambda r: r.student)
+        refused |= {r.student for r in results if r.failure.endswith("not graded")}
+    for result in results:
+        result.similar = []
     _report_similar(course, assignment, [r for r in results if r.student not in refused], similarity_threshold,
                     set().union(*instructor_cells.values()))
     _run_nbgrader(["export", "--to", str(course / "grades.csv")], course, work / "export.log", None, 600)
     scores = _read_scores(course / "grades.csv", assignment)
+    split = _score_split(course, assignment)
     for result in results:
         result.score, result.max_score = scores.get(result.student, (0.0, 0.0))
+        (result.auto_score, result.auto_max, result.manual_score, result.manual_max,
+         result.manual_pending) = split.get(result.student, (0.0, 0.0, 0.0, 0.0, 0.0))
     _write_report(course, assignment, results)
     return results
+
+
+def _previous_results(course: Path, assignment: str) -> dict[str, StudentResult]:
+    """The last report's results (``reports/ASSIGNMENT.json``, written by the grader), by student; {} if none."""
+    path = course / "reports" / f"{assignment}.json"
+    if not path.is_file():
+        return {}
+    known = set(StudentResult.__dataclass_fields__)
+    return {r["student"]: StudentResult(**{k: v for k, v in r.items() if k in known})
+            for r in json.loads(path.read_text())}
+
+
+def _not_attempted(folder: Path, release: dict[str, dict], instructor_cells: dict[str, set[str]]) -> bool:
+    """Whether every notebook in ``folder`` holds only the code of its release: no solution cell changed, no code
+    added (the fast switch, whatever it says, aside). Read with ``untrusted.read_notebook``.
+
+    Raises:
+        UntrustedFileError, OSError, ValueError: if a notebook cannot be read safely or is not JSON.
+    """
+    def code(nb: dict, cells: set[str]) -> list[str]:
+        return sorted(" ".join(src.split()) for grade_id, _, src in review.split_cells(nb, cells)[0]
+                      if src.strip() and "The fast switch" not in src)
+
+    notebooks = sorted(folder.glob("*.ipynb"))
+    return bool(notebooks) and all(
+        p.stem in release and code(untrusted.read_notebook(p), instructor_cells.get(p.stem, set()))
+        == code(release[p.stem], instructor_cells.get(p.stem, set())) for p in notebooks)
+
+
+def _score_split(course: Path, assignment: str) -> dict[str, tuple[float, float, float, float, float]]:
+    """Per student, from the gradebook: (auto score, auto max, manual score given, manual max, manual points pending).
+
+    A cell is manual when nbgrader gave it no autograded score (written answers); a manual override of an
+    autograded cell (a zeroed, flagged submission) counts as that cell's auto score.
+    """
+    from nbgrader.api import Gradebook, MissingEntry
+
+    split = {}
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        try:
+            submissions = gb.find_assignment(assignment).submissions
+        except MissingEntry:
+            return {}
+        for submission in submissions:
+            auto = auto_max = manual = manual_max = pending = 0.0
+            for notebook in submission.notebooks:
+                for grade in notebook.grades:
+                    if grade.auto_score is not None:
+                        auto, auto_max = auto + grade.score, auto_max + grade.max_score
+                    else:
+                        manual_max += grade.max_score
+                        if grade.manual_score is None:
+                            pending += grade.max_score
+                        else:
+                            manual += grade.score
+            split[submission.student.id] = (auto, auto_max, manual, manual_max, pending)
+    return split
 
 
 _HOST_UID_BASE = 3_000_000_000
@@ -306,7 +402,9 @@ def _read_scores(csv_path: Path, assignment: str) -> dict[str, tuple[float, floa
 
 def _report_similar(course: Path, assignment: str, results: list[StudentResult], threshold: float,
                     instructor_cells: set[str]) -> None:
-    """Note near-copies on each student's result: of another student, of the solutions, of dgmlib."""
+    """Note near-copies on each student's result: of another student, of the solutions, of dgmlib (the code of
+    the release and of the lectures left out, and the solutions' code left out of the comparison with dgmlib:
+    ``similarity.similar_pairs``)."""
     def cells(folder: Path) -> list[str]:
         found = []
         for path in sorted(folder.glob("*.ipynb")):
@@ -320,7 +418,16 @@ def _report_similar(course: Path, assignment: str, results: list[StudentResult],
     solutions = {f"solutions/{assignment}": cells(course / "solutions" / assignment)}
     package = Path(dgmlib.__file__).parent
     references = {f"dgmlib/{p.relative_to(package)}": p.read_text() for p in sorted(package.rglob("*.py"))}
-    boilerplate = "\n\n".join(cells(course / "assignments" / assignment))
+    # what every student was given (the release's cells) or shown (the lectures' code cells) is never copied;
+    # the lectures are the course's own, or those beside the dgmlib that grades
+    lectures = next((d for d in (course / "lectures", package.parent / "lectures") if d.is_dir()), None)
+    shown = []
+    for path in sorted(lectures.glob("*.ipynb")) if lectures is not None else []:
+        try:
+            shown += similarity.code_cells(path)
+        except (OSError, ValueError):  # not a regular file, too large, not JSON: nothing shown
+            pass
+    boilerplate = cells(course / "assignments" / assignment) + shown
     by_student = {r.student: r for r in results}
     for pair in similarity.similar_pairs(code, references, boilerplate, threshold, solutions):
         for one, other, mine, theirs in ((pair.first, pair.second, pair.first_share, pair.second_share),
@@ -357,21 +464,61 @@ def _write_report(course: Path, assignment: str, results: list[StudentResult]) -
     (out / f"{assignment}.txt").write_text(format_report(assignment, results))
 
 
+def _plural(count: int, noun: str) -> str:
+    """``"1 submission"``, ``"2 submissions"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _points(x: float) -> str:
+    return f"{x:g}"
+
+
+def score_line(r: StudentResult) -> str:
+    """One student's score at a glance: ``"auto 25/25, manual 2 pending"``, ``"18.5/27 (auto 17/25, manual 1.5/2)"``
+    once the manual points are given, ``"not attempted"``, or ``"failed: 0/27"`` (the reason is on the next line)."""
+    if r.failure:
+        return f"failed: {_points(r.score)}/{_points(r.max_score)}" if r.max_score else "failed"
+    if r.not_attempted:
+        return "not attempted"
+    auto = f"auto {_points(r.auto_score)}/{_points(r.auto_max)}" if r.auto_max else ""
+    if not r.manual_max:
+        return auto or f"{_points(r.score)}/{_points(r.max_score)}"
+    if r.manual_pending:
+        given = r.manual_max - r.manual_pending
+        manual = (f"manual {_points(r.manual_pending)} pending" if not given else
+                  f"manual {_points(r.manual_score)}/{_points(given)}, {_points(r.manual_pending)} pending")
+        return ", ".join(filter(None, [auto, manual]))
+    return f"{_points(r.score)}/{_points(r.max_score)} ({', '.join(filter(None, [auto, f'manual {_points(r.manual_score)}/{_points(r.manual_max)}']))})"
+
+
 def format_report(assignment: str, results: list[StudentResult]) -> str:
-    """A plain-text table: student, score, time, and what timed out, crashed, lacked receipts, was flagged
-    or looks copied."""
-    lines = [f"{assignment}: {len(results)} submissions", ""]
-    width = max(len(r.student) for r in results)
+    """The class at a glance: a summary line, then one line per student (score, time) and, indented under it, only
+    what needs the instructor: a failure, cells that timed out, crashed or were scored 0 by their judge (with the
+    reason), review flags, a zeroed score and near-copies. A submission that changed nothing of the release is one
+    line, "not attempted"."""
+    failed = sum(bool(r.failure) for r in results)
+    blank = sum(r.not_attempted and not r.failure for r in results)
+    flagged = sum(bool(r.flagged) for r in results)
+    copies = sum(bool(r.similar) for r in results)
+    pending = sum(r.manual_pending > 0 and not r.failure and not r.not_attempted for r in results)
+    summary = [_plural(len(results), "submission")] + \
+        [f"{n} {what}" for n, what in ((failed, "failed"), (blank, "not attempted"), (flagged, "flagged for review"),
+                                       (copies, "with near-copies to review")) if n] + \
+        ([f"manual grading pending for {_plural(pending, 'student')}"] if pending else [])
+    lines = [f"{assignment}: {', '.join(summary)}", ""]
+    width = max([len(r.student) for r in results] + [7])
+    glance = max([len(score_line(r)) for r in results] + [5])
+    lines.append(f"{'student':<{width}}  {'score':<{glance}}  {'time':>7}")
     for r in results:
-        lines.append(f"{r.student:<{width}}  {r.score:5.1f} / {r.max_score:<5.1f} {r.seconds:6.1f} s")
+        lines.append(f"{r.student:<{width}}  {score_line(r):<{glance}}  {r.seconds:6.1f} s")
         auto = r.autograded_before_review
+        quiet = r.not_attempted and not r.failure  # nothing to say cell by cell about a blank submission
         notes = ([f"FAILED: {r.failure}"] if r.failure else []) + \
-            [f"timed out: {', '.join(r.timed_out)}"] * bool(r.timed_out) + \
-            [f"crashed: {', '.join(r.crashed)}"] * bool(r.crashed) + \
-            [f"scored 0 by the judge: {u}" if "(judge: " in u else f"scored 0 without receipts: {u}"
-             for u in r.unverified] + [f"FLAG {f}" for f in r.flagged] + \
+            ([f"timed out: {', '.join(r.timed_out)}"] * bool(r.timed_out) +
+             [f"crashed: {', '.join(r.crashed)}"] * bool(r.crashed) +
+             [f"scored 0 by the judge: {u}" if "(judge: " in u else f"scored 0 without receipts: {u}"
+              for u in r.unverified]) * (not quiet) + [f"FLAG {f}" for f in r.flagged] + \
             ([f"zeroed pending review (autograded {auto:g} before)"] if auto is not None else []) + \
             [f"similar to {s} (review; not zeroed)" for s in r.similar]
         lines += [f"{'':<{width}}    {note}" for note in notes]
     return "\n".join(lines) + "\n"
-
