@@ -1,8 +1,9 @@
 """``dgm results``: every ``metrics.json`` under a folder of runs, as one Markdown table and one figure.
 
 The README's results tables are made with it (``dgm results runs/ --details``): the main table has the
-same columns for every model; ``--details`` adds one table per model with the columns its registry
-entry names (``ModelSpec.columns``, built from ``Column`` and ``number``).
+same columns for every model; ``--details`` adds the table of every bound a run measured on the test NLL
+(``bounds_table``: an importance-weighted bound beside the reported one, say) and one table per model with
+the columns its registry entry names (``ModelSpec.columns``, built from ``Column`` and ``number``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 COLUMNS = ("model", "options", "data", "test NLL (nats)", "bits/dim", "NLL computed as", "train s", "params",
            "device")
+BOUND_COLUMNS = ("model", "options", "data", "bound on −log P(y)", "nats", "bits/dim")
+
+# Further bounds on the same test NLL that a run's metrics may hold, beside its reported ``test_nll_nats``:
+# metrics key -> the bound's name, written from the run's metrics.
+FURTHER_BOUNDS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "iw_nll_nats": lambda r: f"importance-weighted dequantization bound, k = {r.get('iw_k', '?')}",
+    "uniform_nll_nats": lambda r: "uniform dequantization bound of the same flow",
+    "neg_elbo_nats": lambda r: "−ELBO (the k = 1 bound)",
+    "uniform_bound_nats": lambda r: "bound of the stage-1 model: uniform prior over the codes",
+}
 
 
 def collect(runs: str | Path) -> list[dict[str, Any]]:
@@ -57,6 +68,16 @@ def _method(row: dict[str, Any]) -> str:
     return str(row.get("likelihood", "")).split(" (")[0].split(":")[0]  # metrics written before nll_method existed
 
 
+def _cell(text: str) -> str:
+    """A table cell's text with its pipes escaped, so that a label such as ``−log P(y | c)`` stays one cell."""
+    return text.replace("|", "\\|")
+
+
+def _row(cells: list[str] | tuple[str, ...]) -> str:
+    """One Markdown table row of ``cells``, pipes inside a cell escaped."""
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
 def _number(value: Any, digits: int) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
 
@@ -89,9 +110,10 @@ def number(key: str, digits: int = 2, se: str | None = None) -> Callable[[dict[s
 def detail_table(rows: list[dict[str, Any]], columns: tuple[Column, ...]) -> str:
     """The rows of one model as a Markdown table: options, data, then ``columns``, then training
     seconds and epochs (run, and the best one, whose weights were kept; "last" without validation), with
-    "early stop" when early stopping ended training and "CUT BY THE TIME CAP" when the safety cap did."""
+    "early stop" when early stopping ended training and "CUT BY THE TIME CAP" when the safety cap did. A pipe
+    inside a label or a cell is escaped (``\\|``)."""
     head = ("options", "data", *(c.label for c in columns), "train s", "epochs (best)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [_row(head), "|" + "---|" * len(head)]
     for r in rows:
         best = r.get("best_epoch", "?")
         epochs = f"{r['epochs_run']} ({'last' if best == -1 else best})" if "epochs_run" in r else ""
@@ -99,7 +121,7 @@ def detail_table(rows: list[dict[str, Any]], columns: tuple[Column, ...]) -> str
                    "time budget": ", CUT BY THE TIME CAP"}.get(r.get("stopped_by"), "")
         cells = [_options(r), str(r.get("data", "")), *(c.cell(r) for c in columns),
                  _number(r.get("train_seconds"), 0), epochs]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return "\n".join(lines)
 
 
@@ -108,27 +130,65 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for 2D data), bits/dim (discrete images only), how the NLL was computed, training seconds,
     parameters and device (marked "(fast)" for a fast-mode run and "(cut by the time cap)" for a run the
     safety cap stopped, whose numbers depend on the machine's speed). Runs without a test NLL (e.g. a DDPM on 2D data) leave those cells empty."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = [_row(COLUMNS), "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = [str(r["model"]), _options(r), str(r.get("data", "")), _number(r.get("test_nll_nats"), 2),
                  _number(r.get("test_bits_per_dim"), 3), _method(r) if "test_nll_nats" in r else "",
                  _number(r.get("train_seconds"), 0), f"{r['num_params']:,}" if "num_params" in r else "",
                  str(r.get("device", "cpu")) + (" (fast)" if r.get("fast_mode") else "")
                  + (" (cut by the time cap)" if r.get("stopped_by") == "time budget" else "")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     return "\n".join(lines)
 
 
+def bounds_table(rows: list[dict[str, Any]]) -> str:
+    """Every bound on a test NLL that a run of discrete images measured, as a Markdown table, smallest first
+    within each run: the reported ``test_nll_nats`` and the further bounds of ``FURTHER_BOUNDS`` in its
+    metrics (Glow's importance-weighted bound with k samples of q(u | y) and the uniform bound of its flow, a
+    VAE's −ELBO beside its IWAE estimate, a VQ-VAE's bound with the uniform prior of stage 1). Columns: model,
+    options, data, the bound's name, nats per image and bits/dim = nats / (D ln 2) with D = ``num_dims``.
+    Only runs with a bits/dim and at least one further bound get rows; an empty string when none has.
+
+    All the bounds of a flow or a VAE bound the same −log P(y) (in expectation over the sampling of the
+    estimate), so the smallest is the best statement about that model's test NLL. A VQ-VAE's uniform-prior
+    bound is that of its stage-1 model, whose prior is uniform: another model. Sources: the importance-weighted
+    bound is Burda, Grosse & Salakhutdinov 2016 (IWAE), Eq. 8 and Theorem 1, with q(u | y) as the proposal.
+    """
+    lines = []
+    for r in rows:
+        dims = r.get("num_dims")
+        if "test_nll_nats" not in r or "test_bits_per_dim" not in r or not dims:
+            continue
+        bounds = [(_method(r), r["test_nll_nats"])]
+        bounds += [(name(r), r[key]) for key, name in FURTHER_BOUNDS.items()
+                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if len(bounds) < 2:
+            continue
+        for name, nats in sorted(bounds, key=lambda b: b[1]):
+            lines.append(_row([str(r["model"]), _options(r), str(r.get("data", "")), name, _number(nats, 2),
+                               _number(nats / (dims * math.log(2)), 3)]))
+    if not lines:
+        return ""
+    return "\n".join([_row(BOUND_COLUMNS), "|" + "---|" * len(BOUND_COLUMNS), *lines])
+
+
 def results_markdown(rows: list[dict[str, Any]], details: bool = False) -> str:
-    """What ``dgm results`` prints: the main table (``markdown_table``) and, with ``details``, one table per model
-    with the columns its registry entry names (``ModelSpec.columns``), under the model's name in bold."""
+    """What ``dgm results`` prints: the main table (``markdown_table``) and, with ``details``, the table of every
+    bound each run measured (``bounds_table``, when a run has more than one) and one table per model with the
+    columns its registry entry names (``ModelSpec.columns``), under the model's name in bold. Each further table
+    is introduced by one sentence, so that the output can be pasted unchanged."""
     from dgmlib.models import MODELS
 
     parts = [markdown_table(rows)]
-    for name, spec in MODELS.items() if details else ():
-        own = [r for r in rows if r["model"] == name]
-        if own and spec.columns:
-            parts.append(f"**{name}**\n\n{detail_table(own, spec.columns)}")
+    if not details:
+        return parts[0]
+    bounds = bounds_table(rows)
+    if bounds:
+        parts += ["Every bound on a test NLL that a run measured, the smallest first:", bounds]
+    own_tables = [f"**{name}**\n\n{detail_table(own, spec.columns)}" for name, spec in MODELS.items()
+                  if spec.columns and (own := [r for r in rows if r["model"] == name])]
+    if own_tables:
+        parts += ["The models' own metrics, from the same runs:", *own_tables]
     return "\n\n".join(parts)
 
 def results_figure(rows: list[dict[str, Any]]) -> Figure:

@@ -50,7 +50,7 @@ API_MODULES = ("autoregressive", "flows", "revnet", "dequantization", "vae", "vq
                "train", "units", "plots", "device", "config", "models", "results", "colab", "site", "cli", "grading")
 MODES = ("fast", "full")
 # the pages of docs/ in the navigation: these first, in this order, then any other alphabetically
-GUIDE_ORDER = ("training", "assignments", "grading", "testing", "benchmarks")
+GUIDE_ORDER = ("training", "assignments", "grading", "private_course", "testing", "benchmarks")
 
 _BADGE_SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="117" height="20" role="img" aria-label="Open in Colab">
 <rect width="117" height="20" rx="3" fill="#555"/><rect x="40" width="77" height="20" rx="3" fill="#f9ab00"/>
@@ -366,7 +366,7 @@ def _conf(root: Path) -> str:
     repository = f"https://github.com/{colab.REPOSITORY}"
     footer = (f'<p>Released under the {_licence(root)} licence. Source, issues and notebooks: '
               f'<a href="{repository}">{colab.REPOSITORY}</a> on GitHub.</p>')
-    return f"REPOSITORY_URL = {repository!r}\nBRANCH = {colab.BRANCH!r}\nFOOTER = {footer!r}\n" + _CONF
+    return f"REPOSITORY_URL = {repository!r}\nBRANCH = {colab.ref()!r}\nFOOTER = {footer!r}\n" + _CONF
 
 
 def build_site(out: str | Path = "build/site", root: str | Path = ".", mode: str = "fast", runs: str | Path | None = "runs",

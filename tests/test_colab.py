@@ -1,13 +1,16 @@
-"""Every notebook opens on Colab: the stamped setup cell, the README's badges, one place for the address.
+"""Every notebook opens on Colab: the stamped setup cell and fast switch, the pinned release, the README's badges,
+one place for the address.
 
-Fast: no network, no notebook execution. A stale notebook (stamped for another repository) fails
-here; `python -m dgmlib.colab` after changing `dgmlib.colab.REPOSITORY` makes it pass again.
+Fast: no network, no notebook execution. A stale notebook (stamped for another repository or another release)
+fails here; `python -m dgmlib.colab` makes it pass again. tests/test_colab_install.py runs the Colab branch for real.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
+import tomllib
 import sys
 import types
 from pathlib import Path
@@ -33,13 +36,53 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_first_code_cell_is_the_current_setup_cell(path):
+def test_first_code_cells_are_the_current_setup_cell_and_fast_switch(path):
     cell = _first_code_cell(path)
     assert cell.source == colab.setup_source(), f"{path.name}: stale or missing setup cell; run python -m dgmlib.colab"
     assert cell.metadata.get("editable") is False and cell.metadata.get("deletable") is False
     if path in SOLUTIONS or path in ASSIGNMENTS:
         meta = cell.metadata["nbgrader"]
         assert meta["grade_id"] == colab.SETUP_ID and meta["locked"] and not meta["grade"] and not meta["solution"]
+    code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    switch = code[1]
+    assert switch.source == colab.fast_source(), f"{path.name}: stale or missing fast switch; run python -m dgmlib.colab"
+    assert "nbgrader" not in switch.metadata and switch.metadata.get("editable", True)  # the student may change it
+    assert re.search(r"^FAST = ", switch.source, flags=re.M)
+    assert sum(colab.is_fast_cell(c) for c in code) == 1
+
+
+def test_the_fast_switch_sets_the_mode(monkeypatch):
+    from dgmlib import config
+
+    monkeypatch.delenv("DGM_FAST", raising=False)
+    monkeypatch.delenv("DGM_FAST_LOCKED", raising=False)
+    namespace: dict = {}
+    exec(colab.fast_source(), namespace)
+    assert namespace["FAST"] is False and not config.fast_mode()
+    exec(colab.fast_source().replace("FAST = fast_mode()", "FAST = True"), namespace)  # what a student writes
+    assert config.fast_mode() and config.pick(full=100, fast=3) == 3
+    with pytest.raises(TypeError, match="True or False"):
+        config.set_fast_mode("no")
+    # under dgm grade the class's mode stays, whatever the notebook asks
+    monkeypatch.setenv("DGM_FAST", "1")
+    monkeypatch.setenv("DGM_FAST_LOCKED", "1")
+    with pytest.warns(RuntimeWarning, match="being graded"):
+        assert config.set_fast_mode(False) is True
+    assert config.fast_mode()
+
+
+def test_everything_is_pinned_to_the_release_tag():
+    """The setup cells install, and the badges open, the tag of pyproject's version: never a moving branch."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert colab.ref() == f"v{version}"
+    assert colab.pip_requirement().endswith(f"@v{version}")
+    readme = (ROOT / "README.md").read_text()
+    addresses = re.findall(r"https://colab\.research\.google\.com/github/[^\s)]+", readme)
+    assert addresses and all(f"/blob/v{version}/" in a for a in addresses), "run python -m dgmlib.colab"
+    assert "@main" not in colab.setup_source() and "/blob/main/" not in readme
+    pins = {m for path in [*NOTEBOOKS, ROOT / "README.md"]
+            for m in re.findall(r"deep-generative-models@([\w.-]+)", path.read_text())}
+    assert pins == {f"v{version}"}, pins
 
 
 def test_stamping_is_idempotent_and_keeps_the_other_cells():
@@ -47,8 +90,8 @@ def test_stamping_is_idempotent_and_keeps_the_other_cells():
     again = colab.stamped(nb, graded=True)
     assert nbformat.writes(again) == nbformat.writes(nb)
     without = nbformat.from_dict(nb)
-    without.cells = [c for c in without.cells if not colab.is_setup_cell(c)]
-    assert len(without.cells) == len(nb.cells) - 1
+    without.cells = [c for c in without.cells if not colab.is_setup_cell(c) and not colab.is_fast_cell(c)]
+    assert len(without.cells) == len(nb.cells) - 2
     assert nbformat.writes(colab.stamped(without, graded=True)) == nbformat.writes(nb)
 
 
@@ -79,7 +122,7 @@ def test_setup_cell_installs_the_course_on_colab(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
     exec(colab.setup_source(), {})
-    requirement = f"dgmlib @ git+https://github.com/{colab.REPOSITORY}@{colab.BRANCH}"
+    requirement = f"dgmlib @ git+https://github.com/{colab.REPOSITORY}@{colab.ref()}"
     assert calls == [(([sys.executable, "-m", "pip", "install", "-q", requirement],), {"check": True})]
     out = capsys.readouterr().out
     assert out.startswith("GPU:") or "Runtime → Change runtime type" in out

@@ -285,3 +285,61 @@ def test_two_judges_for_one_cell_are_refused(tmp_path):
         load_judges(path)
     with pytest.raises(FileNotFoundError):
         load_judges(tmp_path / "missing.py")
+
+
+def test_hw1_judges_refuse_a_weight_masked_in_place_with_a_readable_reason():
+    """A MaskedConv2d whose forward masks its weight in place gives the right outputs, but the instructions forbid it
+    (it breaks torch.func in the visible tests): its judges fail it and say why, and pass the reference."""
+    import json
+
+    import torch.nn.functional as F
+
+    from dgmlib import autoregressive
+
+    folder = ROOT / "solutions" / "hw1_autoregressive"
+    judges = load_judges(folder / "judge.py")
+    cells = {c["metadata"].get("nbgrader", {}).get("grade_id"): "".join(c["source"])
+             for c in json.loads((folder / "hw1_autoregressive.ipynb").read_text())["cells"]}
+    right = "return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)"
+    assert right in cells["conv"]
+    in_place = "self.weight.data *= self.mask\n        return F.conv2d(x, self.weight, self.bias, padding=self.padding)"
+    for source, passes in ((cells["conv"], True), (cells["conv"].replace(right, in_place), False)):
+        namespace = {"torch": torch, "nn": nn, "F": F, "autoregressive": autoregressive}
+        exec(source, namespace)
+        exec(cells["pixelcnn"], namespace)
+        for grade_id, exposed in (("test_mask_conv", {"MaskedConv2d": namespace["MaskedConv2d"]}),
+                                  ("test_conv_causal", {"MaskedConv2d": namespace["MaskedConv2d"]}),
+                                  ("test_pixelcnn", {"MyPixelCNN": namespace["MyPixelCNN"]})):
+            passed, message = judge_locally(judges[grade_id], exposed)
+            assert passed == passes, (grade_id, message)
+            if not passes:
+                assert "forward changed the layer's weight" in message and "self.weight * self.mask" in message
+
+
+def test_hw4_code_maps_judge_requires_the_train_eval_mode_restored():
+    """hw4's code_maps must leave ``model.training`` as it found it (the instructions say so): the judge passes a
+    code_maps that restores the mode and fails, with its reason, one that leaves the model in evaluation mode."""
+    folder = ROOT / "solutions" / "hw4_vq_vae"
+    judges = load_judges(folder / "judge.py")
+    ref = solution_cells(folder / "hw4_vq_vae.ipynb", "quantizer", "ema", "quantizer_module", "vqvae_model")
+    torch.manual_seed(0)
+    model = ref.MyVQVAE(channels=8).eval()
+
+    def restoring(net, y):
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            codes = net.codes(y)
+        net.train(was_training)
+        return codes.unsqueeze(1).float()
+
+    def forgetting(net, y):
+        net.eval()
+        with torch.no_grad():
+            return net.codes(y).unsqueeze(1).float()
+
+    exposed = {"model": model, "MyVQVAE": ref.MyVQVAE}
+    assert judges["test_code_maps"] is not None
+    assert judge_locally(judges["test_code_maps"], {**exposed, "code_maps": restoring}) == (True, "passed")
+    passed, message = judge_locally(judges["test_code_maps"], {**exposed, "code_maps": forgetting})
+    assert not passed and "train/eval mode" in message

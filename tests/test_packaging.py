@@ -11,18 +11,41 @@ def _names(requirements):
     return {re.split(r"[<>=!~ \[]", r.strip(), maxsplit=1)[0].lower() for r in requirements}
 
 
+def _expanded(project: dict, extra: str) -> list[str]:
+    """The requirements of ``extra``, with ``dgmlib[a,b]`` replaced by the extras it names."""
+    found = []
+    for r in project["optional-dependencies"][extra]:
+        if r.startswith("dgmlib["):
+            for inner in r[len("dgmlib["):-1].split(","):
+                found += _expanded(project, inner)
+        else:
+            found.append(r)
+    return found
+
+
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    expected = {r.replace(" ", "") for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    expected = {r.replace(" ", "") for r in project["dependencies"] + _expanded(project, "dev")}
     pip_section = (ROOT / "environment.yml").read_text().split("- pip:", 1)[1]
     listed = {line.strip()[2:].replace(" ", "") for line in pip_section.splitlines()
               if line.strip().startswith("- ") and not line.strip().startswith("- -e")}
     assert listed == expected, f"environment.yml and pyproject.toml differ: {listed ^ expected}"
     assert "-e ." in pip_section
+    # the course's own environment keeps the libraries of the design: ODEs, grading, data, plots, progress, notebooks
     for needed in ("torch", "torchdiffeq", "matplotlib", "nbgrader", "jupyterlab", "scikit-learn", "tqdm",
-                   "ipykernel"):
-        assert needed in _names(project["dependencies"])
+                   "ipykernel", "nbclient", "copydetect"):
+        assert needed in _names(listed)
     assert project["scripts"]["dgm"] == "dgmlib.cli:main"
+
+
+def test_the_core_install_is_slim():
+    """`pip install dgmlib` (Colab's setup cell) brings what lectures and assignments import, never a Jupyter stack."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert _names(project["dependencies"]) == {"torch", "torchdiffeq", "numpy", "scikit-learn", "matplotlib", "tqdm"}
+    grade = _names(_expanded(project, "grade"))
+    assert {"nbgrader", "jupyterlab", "ipykernel", "copydetect"} <= grade
+    assert {"sphinx", "myst-nb", "sphinx-book-theme"} <= _names(_expanded(project, "site"))
+    assert {"pytest", "nbgrader", "sphinx"} <= _names(_expanded(project, "dev"))
 
 
 def test_ci_runs_the_readme_commands():

@@ -82,6 +82,22 @@ def _remote_conv(k, cin: int, cout: int, size: int, kind: str, rng: torch.Genera
     return layer, weights
 
 
+KEEP_WEIGHT = ("forward changed the layer's weight: convolve with the new tensor self.weight * self.mask and leave "
+               "the parameter self.weight as it is (no self.weight.data *= self.mask, self.weight.mul_(...) or "
+               "self.weight.data = ... in forward; Part 2)")
+
+
+def _expect_kept(module, expected: dict[str, torch.Tensor], what: str) -> None:
+    """After the student's forward ran, ``module``'s parameters (read from the kernel) must still be ``expected``:
+    a forward that masks its weight in place gives the right outputs but changes the parameter (and breaks
+    ``torch.func``, with which the visible tests take Jacobians)."""
+    state = module.state_dict()
+    expect(isinstance(state, dict), f"{what} must be a module with a state_dict")
+    for name, value in expected.items():
+        expect(name in state, f"{what} has no parameter {name}")
+        expect_equal(state[name], value, msg=f"{what} ({name}): {KEEP_WEIGHT}")
+
+
 def _reference_mask(size: int, kind: str) -> torch.Tensor:
     return autoregressive.MaskedConv2d(1, 1, size, kind).mask[0, 0].to(F64)
 
@@ -159,14 +175,16 @@ def mask_conv(k, rng):
         # new weights behind the mask too: forward must mask the kernel at every call
         expected = F.conv2d(x, weights.weight * _reference_mask(size, kind), weights.bias, padding=size // 2)
         expect_close(layer(x), expected, msg="forward must convolve with weight * mask, the bias and padding k // 2")
+        _expect_kept(layer, parameters(weights), f"MaskedConv2d(k = {size}, mask {kind})")
 
 
 @judge("test_conv_causal")
 def conv_causal(k, rng):
     for size, kind in ((5, "A"), (5, "B"), (3, "A"), (3, "B")):
         h, w = int(torch.randint(4, 8, (1,), generator=rng)), int(torch.randint(4, 8, (1,), generator=rng))
-        layer, _ = _remote_conv(k, 2, 3, size, kind, rng)
+        layer, weights = _remote_conv(k, 2, 3, size, kind, rng)
         dep = dependence(layer, torch.randn(2, 2, h, w, generator=rng, dtype=F64))
+        _expect_kept(layer, parameters(weights), f"MaskedConv2d(k = {size}, mask {kind})")
         expect_equal(dep, _window(h, w, size, kind), msg=f"mask {kind}: the input pixels each output pixel depends on")
     # a stack A, B, B with tanh between (applied here): strictly causal, and it sees the pixel left and above
     for h, w in ((5, 7), (8, 4)):
@@ -294,6 +312,7 @@ def pixelcnn(k, rng):
         # the same function as the reference with the same weights: masks A then B, the residuals, the head
         expect_close(_logits(model, y, levels), reference(y), msg="the logits of MyPixelCNN (mask A first, residual "
                                                                   "mask-B layers, the 1x1 head)")
+        _expect_kept(model, parameters(reference), "MyPixelCNN")
     tiny = k.MyPixelCNN((1, 2, 2), 3, 4, 2, 3, 3)
     tiny.load_state_dict(parameters(randomise(REF.MyPixelCNN((1, 2, 2), 3, 4, 2, 3, 3), rng, 1.0)), strict=False)
     tiny.double()

@@ -297,7 +297,9 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
 
 
 TEST_NLL_BOUND = 115.0
-"""nats/image; the reference solution gets about 104 in fast mode."""
+"""nats/image; the reference solution gets about 104 in fast mode (104.06 with the notebook's seed). Loose, as the
+instructions say: independent pixels (each pixel's level frequencies on the 1000 training digits, one added count per
+level, uniform on each bin, for which the uniform bound is exact) get 107.87 on the test digits."""
 
 
 @judge("test_nll")
@@ -440,7 +442,8 @@ def variational_bound(k, rng):
 
 
 VARIATIONAL_BOUND = 115.0
-"""nats/image; the reference solution gets about 101 (against 104 for the uniform bound) in fast mode."""
+"""nats/image; the reference solution gets about 101 (against 104 for the uniform bound) in fast mode (100.97 and
+104.78 with the notebook's seed). Loose too: independent pixels get 107.87; the 1-nat gap is the sharper check."""
 
 
 @judge("test_variational")

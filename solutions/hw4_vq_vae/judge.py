@@ -38,13 +38,23 @@ REF = solution_cells(Path(__file__).with_name("hw4_vq_vae.ipynb"), "quantizer", 
 F64 = torch.float64
 NUM_CODES, CODE_DIM, LEVELS = 32, 8, 17  # fixed by the instructions (MyVQVAE's defaults, the prior's 32 levels)
 
-RECON_BOUND = 100.0
-"""nats/image on the test digits; the reference solution gets about 90 in fast mode, a decoder that ignores its
-code (the per-pixel marginals) about 108 and a uniform guess 64 ln 17 = 181."""
-PERPLEXITY_SHARE = 0.35
-"""perplexity of the test codes >= 0.35 K (the reference: about 20 of 32), and at least K / 2 codes in use."""
+RECON_BOUND = 102.0
+"""nats/image on the test digits. A decoder that ignores its code can at best learn the per-pixel marginals: the
+level frequencies of each pixel on the 1000 training digits, with one added count per level, cost 107.87 nats on the
+447 test digits (106.33 for the test digits' own frequencies; a uniform guess costs 64 ln 17 = 181.3). The reference
+solution in fast mode, as graded, over 40 training seeds (0-39): 85.2 to 97.9, mean 91.0, sd 3.2 (89.8 for seed 0).
+102 lies 4 nats above the worst seed and 6 below the marginals: a correct solution passes, a code that carries
+(almost) nothing does not."""
+PERPLEXITY_SHARE = 0.25
+"""perplexity of the test codes >= 0.25 K = 8, and at least K / 2 codes in use. The reference solution in fast mode over
+the same 40 seeds: perplexity 10.9 to 22.0 (mean 17.2, sd 2.7), 22 to 32 codes in use. The former floor, 0.35 K = 11.2,
+failed seed 9 (10.9): a correct solution lost 3 points. A collapsed codebook (a few codes) stays far below 8."""
 PRIOR_MARGIN = 0.5
-"""the fitted prior's test NLL must beat M log K = 4 ln 32 = 13.86 by half a nat (the reference: about 11.3)."""
+"""the fitted prior's test NLL must beat M log K = 4 ln 32 = 13.86 by half a nat. The reference solution's prior, fitted
+as instructed on the code maps of its own model in fast mode, over the same 40 seeds: 9.12 to 11.79 nats (seeds 0-4:
+11.08, 10.87, 11.03, 11.78, 11.23), so it beats M log K by 2.07 to 4.74 nats, far from the 0.5 margin. A prior can
+come close to M log K only if the codes are nearly uniform and independent across positions (perplexity near K);
+4 times the entropy of the pooled training codes was at most 12.45 nats over these seeds, 1.4 below M log K."""
 VAL_SLACK = 5.0
 """a test metric more than 5 nats below the validation metric means the model saw the test digits."""
 
@@ -423,8 +433,8 @@ def _recon_mean(ref: torch.nn.Module, y: torch.Tensor) -> float:
 
 @judge("test_codebook_health")
 def codebook_health(k, rng):
-    """The trained ``model``'s parameters in the reference MyVQVAE: perplexity of its test codes >= 0.35 K, at least
-    K / 2 codes used, reconstruction term < 100 nats on the test digits and not far below the validation one;
+    """The trained ``model``'s parameters in the reference MyVQVAE: perplexity of its test codes >= 0.25 K, at least
+    K / 2 codes used, reconstruction term <= 102 nats on the test digits and not far below the validation one;
     ``model.codes`` agrees with them; and ``codes()`` of a fresh model in training mode changes nothing."""
     ref = _trained_vqvae(_state(k.model, "model"))
     test = _digits("test")
