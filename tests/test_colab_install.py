@@ -133,3 +133,8 @@ def test_the_setup_cell_installs_the_course_on_colab(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"dgmlib from {purelib}" in proc.stdout, proc.stdout  # the installed copy, not the checkout
     assert proc.stdout.count("one epoch") == len(NOTEBOOKS), proc.stdout
+    # the setup cell installed dgmlib and nothing else: Colab's own packages (here the core's, already there) are
+    # left as they are, never upgraded or reinstalled
+    installed = sorted(p.name.split("-")[0] for p in Path(purelib).glob("*.dist-info"))
+    print("installed by the setup cell:", installed)
+    assert installed == ["dgmlib"], installed

@@ -71,3 +71,15 @@ def test_not_attempted(tmp_path, change):
     nbformat.write(submission, tmp_path / "hw2_flows.ipynb")
     expected = change in ("nothing", "the fast switch")
     assert classroom._not_attempted(tmp_path, {"hw2_flows": json.loads(nbformat.writes(release))}, cells) is expected
+
+
+def test_crashes_are_grouped_and_a_crash_explains_its_judges_zero():
+    partial = StudentResult("s5", auto_score=7, auto_max=25, manual_max=2, manual_pending=2,
+                            crashed=["test_bound (NotImplementedError)", "train (NotImplementedError)",
+                                     "plots (NameError)", "test_nll (NameError)"],
+                            unverified=["test_bound (judge: the test cell's probe never reached the grader's judge)",
+                                        "test_nll (judge: the test cell's probe never reached the grader's judge)",
+                                        "test_mask (judge: 2 of 5 values are wrong)"])
+    notes = [line.strip() for line in format_report("hw2", [partial]).splitlines()[4:]]
+    assert notes == ["unsolved (NotImplementedError): test_bound, train", "crashed (NameError): plots, test_nll",
+                     "scored 0 by the judge: test_mask (judge: 2 of 5 values are wrong)"]

@@ -343,3 +343,25 @@ def test_hw4_code_maps_judge_requires_the_train_eval_mode_restored():
     assert judge_locally(judges["test_code_maps"], {**exposed, "code_maps": restoring}) == (True, "passed")
     passed, message = judge_locally(judges["test_code_maps"], {**exposed, "code_maps": forgetting})
     assert not passed and "train/eval mode" in message
+
+
+def test_hw2_log_det_judge_never_fails_a_correct_coupling_by_bad_luck():
+    """The judge's check that a log-det is not 0 must not fail a correct coupling whose log-det happens to be nearly
+    0 at the judge's draw: before, the reference solution failed test_log_det at 6 of 3000 secret seeds (these six;
+    one honest student of a class of 20 lost 3 points to it). A coupling whose log-det is always 0 still fails."""
+    from dgmlib import flows
+
+    folder = ROOT / "solutions" / "hw2_flows"
+    judges = load_judges(folder / "judge.py")
+    ref = solution_cells(folder / "hw2_flows.ipynb", "coupling")
+    exposed = {"AffineCoupling": ref.AffineCoupling, "MLPConditioner": flows.MLPConditioner}
+    for seed in (391, 1367, 1504, 2317, 2507, 2769):
+        passed, message = judge_locally(judges["test_log_det"], exposed, seed=seed)
+        assert passed, (seed, message)
+
+    class ZeroLogDet(ref.AffineCoupling):
+        def forward(self, x):
+            return super().forward(x)[0], x.new_zeros(x.shape[0])
+
+    passed, message = judge_locally(judges["test_log_det"], {**exposed, "AffineCoupling": ZeroLogDet}, seed=391)
+    assert not passed

@@ -287,8 +287,10 @@ def _not_attempted(folder: Path, release: dict[str, dict], instructor_cells: dic
 def _score_split(course: Path, assignment: str) -> dict[str, tuple[float, float, float, float, float]]:
     """Per student, from the gradebook: (auto score, auto max, manual score given, manual max, manual points pending).
 
-    A cell is manual when nbgrader gave it no autograded score (written answers); a manual override of an
-    autograded cell (a zeroed, flagged submission) counts as that cell's auto score.
+    A cell is manual when it is a graded answer cell (a solution cell with points: the written answers), and
+    autograded otherwise (the test cells); a manual override of an autograded cell (a zeroed, flagged submission)
+    counts as that cell's auto score. A written answer left as the release gave it is scored 0 by nbgrader when it
+    autogrades; it counts as given (0), not pending.
     """
     from nbgrader.api import Gradebook, MissingEntry
 
@@ -301,15 +303,16 @@ def _score_split(course: Path, assignment: str) -> dict[str, tuple[float, float,
         for submission in submissions:
             auto = auto_max = manual = manual_max = pending = 0.0
             for notebook in submission.notebooks:
+                answers = {cell.name for cell in notebook.notebook.solution_cells}
                 for grade in notebook.grades:
-                    if grade.auto_score is not None:
+                    if grade.name not in answers:
                         auto, auto_max = auto + grade.score, auto_max + grade.max_score
+                        continue
+                    manual_max += grade.max_score
+                    if grade.manual_score is None and grade.auto_score is None:
+                        pending += grade.max_score
                     else:
-                        manual_max += grade.max_score
-                        if grade.manual_score is None:
-                            pending += grade.max_score
-                        else:
-                            manual += grade.score
+                        manual += grade.score
             split[submission.student.id] = (auto, auto_max, manual, manual_max, pending)
     return split
 
@@ -491,10 +494,33 @@ def score_line(r: StudentResult) -> str:
     return f"{_points(r.score)}/{_points(r.max_score)} ({', '.join(filter(None, [auto, f'manual {_points(r.manual_score)}/{_points(r.manual_max)}']))})"
 
 
+_NEVER_REACHED = "(judge: the test cell's probe never reached the grader's judge)"
+
+
+def _crash_notes(r: StudentResult) -> list[str]:
+    """The cells that crashed, grouped by exception, the stubs left unsolved (``NotImplementedError``) first; then
+    the cells scored 0 by their judge or for want of receipts, less the test cells whose crash already says why
+    (their probe never ran)."""
+    by_error: dict[str, list[str]] = {}
+    for entry in r.crashed:  # "test_bound (NotImplementedError)"
+        cell, _, error = entry.partition(" (")
+        by_error.setdefault(error.rstrip(")") or "error", []).append(cell)
+    notes = [f"unsolved (NotImplementedError): {', '.join(by_error.pop('NotImplementedError'))}"] \
+        if "NotImplementedError" in by_error else []
+    notes += [f"crashed ({error}): {', '.join(cells)}" for error, cells in by_error.items()]
+    crashed = {entry.partition(" (")[0] for entry in r.crashed}
+    for u in r.unverified:
+        if u.partition(" (")[0] in crashed and u.endswith(_NEVER_REACHED):
+            continue
+        notes.append(f"scored 0 by the judge: {u}" if "(judge: " in u else f"scored 0 without receipts: {u}")
+    return notes
+
+
 def format_report(assignment: str, results: list[StudentResult]) -> str:
     """The class at a glance: a summary line, then one line per student (score, time) and, indented under it, only
-    what needs the instructor: a failure, cells that timed out, crashed or were scored 0 by their judge (with the
-    reason), review flags, a zeroed score and near-copies. A submission that changed nothing of the release is one
+    what needs the instructor: a failure, cells that timed out, stubs left unsolved, cells that crashed (grouped by
+    exception) or were scored 0 by their judge for another reason (with it), review flags, a zeroed score and
+    near-copies. A submission that changed nothing of the release is one
     line, "not attempted"."""
     failed = sum(bool(r.failure) for r in results)
     blank = sum(r.not_attempted and not r.failure for r in results)
@@ -514,10 +540,8 @@ def format_report(assignment: str, results: list[StudentResult]) -> str:
         auto = r.autograded_before_review
         quiet = r.not_attempted and not r.failure  # nothing to say cell by cell about a blank submission
         notes = ([f"FAILED: {r.failure}"] if r.failure else []) + \
-            ([f"timed out: {', '.join(r.timed_out)}"] * bool(r.timed_out) +
-             [f"crashed: {', '.join(r.crashed)}"] * bool(r.crashed) +
-             [f"scored 0 by the judge: {u}" if "(judge: " in u else f"scored 0 without receipts: {u}"
-              for u in r.unverified]) * (not quiet) + [f"FLAG {f}" for f in r.flagged] + \
+            ([f"timed out: {', '.join(r.timed_out)}"] * bool(r.timed_out) + _crash_notes(r)) * (not quiet) + \
+            [f"FLAG {f}" for f in r.flagged] + \
             ([f"zeroed pending review (autograded {auto:g} before)"] if auto is not None else []) + \
             [f"similar to {s} (review; not zeroed)" for s in r.similar]
         lines += [f"{'':<{width}}    {note}" for note in notes]
