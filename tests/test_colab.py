@@ -80,6 +80,9 @@ def test_everything_is_pinned_to_the_release_tag():
     addresses = re.findall(r"https://colab\.research\.google\.com/github/[^\s)]+", readme)
     assert addresses and all(f"/blob/v{version}/" in a for a in addresses), "run python -m dgmlib.colab"
     assert "@main" not in colab.setup_source() and "/blob/main/" not in readme
+    # the site's badges and launch buttons are colab_url's (test_site checks every page has its own)
+    assert all(f"/blob/v{version}/{p.relative_to(ROOT).as_posix()}" in colab.colab_url(p.relative_to(ROOT).as_posix())
+               for p in NOTEBOOKS)
     pins = {m for path in [*NOTEBOOKS, ROOT / "README.md"]
             for m in re.findall(r"deep-generative-models@([\w.-]+)", path.read_text())}
     assert pins == {f"v{version}"}, pins
