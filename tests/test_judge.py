@@ -365,3 +365,29 @@ def test_hw2_log_det_judge_never_fails_a_correct_coupling_by_bad_luck():
 
     passed, message = judge_locally(judges["test_log_det"], {**exposed, "AffineCoupling": ZeroLogDet}, seed=391)
     assert not passed
+
+
+def test_hw1_blind_spot_judge_never_fails_a_correct_model_by_bad_luck():
+    """With some random weights a pixel's ReLU head is dead on every input the judge draws, so that its logits depend
+    on nothing: before, the reference solution failed test_blind_spot at 3 of 300 secret seeds (these three). The
+    judge now draws again until the reference with the same weights shows every dependence. A gated PixelCNN whose
+    horizontal stack never hears the vertical one (a blind spot) still fails."""
+    folder = ROOT / "solutions" / "hw1_autoregressive"
+    judges = load_judges(folder / "judge.py")
+    ref = solution_cells(folder / "hw1_autoregressive.ipynb", "conv", "stack_masks", "conv_with_mask", "gated",
+                         "gated_model")
+    for seed in (163, 251, 276):
+        passed, message = judge_locally(judges["test_blind_spot"], {"MyGatedPixelCNN": ref.MyGatedPixelCNN}, seed=seed)
+        assert passed, (seed, message)
+
+    def deaf(self, v, h):  # the horizontal stack without the rows above: v_to_h left out
+        h_new = self.h_out(self.gate(self.h_conv(h)))
+        return self.gate(self.v_conv(v)), (h + h_new if self.residual else h_new)
+
+    original = ref.GatedLayer.forward
+    ref.GatedLayer.forward = deaf
+    try:
+        passed, message = judge_locally(judges["test_blind_spot"], {"MyGatedPixelCNN": ref.MyGatedPixelCNN}, seed=163)
+    finally:
+        ref.GatedLayer.forward = original
+    assert not passed and "every earlier pixel" in message
