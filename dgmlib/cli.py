@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "grade":
         try:
-            from dgmlib.grading.classroom import format_report, grade_assignment
+            from dgmlib.grading.classroom import CourseNotFoundError, format_report, grade_assignment
         except ModuleNotFoundError as err:
             parser.error(f"grading needs the grade extra ({err.name} is missing): pip install \"dgmlib[grade]\"")
         limits = {} if args.memory_mb is None else {"memory_mb": args.memory_mb}
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             results = grade_assignment(args.assignment, Path(args.course), jobs=args.jobs, cell_timeout=args.timeout,
                                        submission_timeout=args.submission_timeout, fast=not args.full,
                                        use_sandbox=not args.no_sandbox, students=args.student, **limits)
-        except FileNotFoundError as err:
+        except CourseNotFoundError as err:  # checked before grading: a usage error; any other error is the grader's
             parser.error(str(err))
         print(format_report(args.assignment, results), end="")
         print(f"grades: {Path(args.course) / 'grades.csv'}; report: {Path(args.course) / 'reports' / args.assignment}.txt")

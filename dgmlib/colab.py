@@ -44,7 +44,7 @@ _BADGE = re.compile(r" ?\[!\[Open in Colab\]\([^)]*\)\]\([^)]*\)")
 _COLAB_ADDRESS = re.compile(r"https://colab\.research\.google\.com/github/[\w.-]+/[\w.-]+/blob/[^/\s)]+/"
                             r"([^\s)]+\.ipynb)")
 # a pip requirement of some repository at some ref (the README's install line for Colab), rewritten to the pinned one
-_PIP_ADDRESS = re.compile(r"git\+https://github\.com/[\w.-]+/[\w.-]+@[\w.-]+")
+_PIP_ADDRESS = re.compile(r"dgmlib @ git\+https://github\.com/[\w.-]+/[\w.-]+@[\w.-]+")  # the course's pip pin
 
 
 def ref() -> str:
@@ -54,7 +54,7 @@ def ref() -> str:
     an editable install), else from the installed package's metadata. E.g. ``"v0.1.0"``.
 
     Raises:
-        ValueError: if ``pyproject.toml`` names no ``version``.
+        ValueError: if ``pyproject.toml`` names no ``version``, or there is neither one nor installed metadata.
     """
     pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
     if pyproject.is_file():
@@ -62,7 +62,10 @@ def ref() -> str:
         if found is None:
             raise ValueError(f"{pyproject} names no version")
         return f"v{found.group(1)}"
-    return f"v{importlib.metadata.version('dgmlib')}"
+    try:
+        return f"v{importlib.metadata.version('dgmlib')}"
+    except importlib.metadata.PackageNotFoundError as err:
+        raise ValueError("dgmlib has no version: neither a pyproject.toml beside it nor installed metadata") from err
 
 
 def pip_requirement() -> str:
@@ -129,7 +132,7 @@ def fast_source() -> str:
 from dgmlib.config import fast_mode, set_fast_mode
 
 FAST = fast_mode()  # or FAST = True
-set_fast_mode(FAST)'''
+FAST = set_fast_mode(FAST)  # under dgm grade, the grader's mode'''
 
 
 def fast_cell() -> NotebookNode:
@@ -236,7 +239,7 @@ def readme_with_badges(readme: str, notebooks: Sequence[str]) -> str:
         return colab_url(found.group(1))
 
     def pinned(part: str) -> str:
-        return _PIP_ADDRESS.sub(f"git+https://github.com/{REPOSITORY}@{ref()}", _COLAB_ADDRESS.sub(current, part))
+        return _PIP_ADDRESS.sub(pip_requirement(), _COLAB_ADDRESS.sub(current, part))
 
     before, after = (pinned(part) for part in (readme[:match.start()], readme[match.end():]))
     return before + section + after

@@ -37,9 +37,11 @@ def fast_mode() -> bool:
 def set_fast_mode(fast: bool) -> bool:
     """Turn fast mode on or off for this process and the processes it starts (sets ``DGM_FAST``); return it.
 
-    A notebook's fast switch calls ``set_fast_mode(FAST)``. Under ``dgm grade`` (``DGM_FAST_LOCKED=1`` in the
-    kernel's environment) the grader's mode is kept and a different request only warns: a class is graded in
-    one mode, whatever each notebook asks.
+    A notebook's fast switch runs ``FAST = set_fast_mode(FAST)``. Under ``dgm grade`` (``DGM_FAST_LOCKED=1`` in the
+    kernel's environment) the grader's mode is kept, returned, and a different request only warns: a class is
+    graded in one mode, whatever each notebook asks. The lock keeps honest notebooks in step; it is no defence (a
+    kernel can set ``DGM_FAST`` itself, which changes only how long its own training takes: the judges measure in
+    the grader).
 
     Raises:
         TypeError: if ``fast`` is not a bool (``FAST = "no"`` would otherwise read as true).

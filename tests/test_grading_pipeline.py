@@ -16,6 +16,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,16 +209,18 @@ def test_grading_a_class(tmp_path, name):
     assert not list(Path(classroom.__file__).parents[1].rglob("dgm_planted.py"))  # nothing planted in dgmlib
     if name == ASSIGNMENTS[1]:  # one student regraded (`dgm grade --student`): the class keeps its results
         before = {row["student_id"]: row["score"] for row in csv.DictReader(open(course / "grades.csv", newline=""))}
+        # a late submission that no report has graded yet is graded with the regrade, never dropped
+        shutil.copytree(course / "submitted" / "blank", course / "submitted" / "late")
         assert main(["grade", name, "--course", str(course), "--jobs", "1", "--timeout", timeout,
                      "--student", "honest"]) == 0
         again = {r["student"]: classroom.StudentResult(**r)
                  for r in json.loads((course / "reports" / f"{name}.json").read_text())}
-        assert set(again) == set(results) | set(broken), "the report lost students"
+        assert set(again) == set(results) | set(broken) | {"late"}, "the report lost students"
         for student in results:
             assert again[student].score == results[student].score, student
-        assert again["honest"].similar and again["blank"].not_attempted
+        assert again["honest"].similar and again["blank"].not_attempted and again["late"].not_attempted
         after = {row["student_id"]: row["score"] for row in csv.DictReader(open(course / "grades.csv", newline=""))}
-        assert after == before
+        assert after.pop("late") is not None and after == before
         with pytest.raises(SystemExit):  # a student without a submission is refused by name
             main(["grade", name, "--course", str(course), "--student", "nobody"])
     # the gradebook, the solutions and everyone's files survived

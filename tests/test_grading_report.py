@@ -11,6 +11,7 @@ import pytest
 
 from dgmlib.grading import classroom
 from dgmlib.grading.classroom import StudentResult, format_report, score_line
+from nbhelpers import nbg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,9 @@ def _release_and_source(name: str = "hw2_flows") -> tuple[nbformat.NotebookNode,
     return release, source
 
 
-@pytest.mark.parametrize("change", ["nothing", "the fast switch", "a solution cell", "an added cell"])
+@pytest.mark.parametrize("change", ["nothing", "the fast switch", "a solution cell", "an added cell",
+                                    "code under the fast switch's comment", "code in the fast switch",
+                                    "a written answer"])
 def test_not_attempted(tmp_path, change):
     release, source = _release_and_source()
     cells = {"hw2_flows": classroom._instructor_cells(source)}
@@ -68,6 +71,14 @@ def test_not_attempted(tmp_path, change):
         cell.source += "\nx = 1\n"
     elif change == "an added cell":
         submission.cells.append(nbformat.v4.new_code_cell("print('my own scratch work')"))
+    elif change == "code under the fast switch's comment":  # a student's whole solution, disguised by its comment
+        submission.cells.append(nbformat.v4.new_code_cell("# The fast switch.\nclass AffineCoupling: pass\n"))
+    elif change == "code in the fast switch":
+        switch = next(c for c in submission.cells if c.get("id") == "fast_switch")
+        switch.source += "\nimport os\n"
+    elif change == "a written answer":  # the written answer alone is an attempt: its points wait for a grader
+        cell = next(c for c in submission.cells if c.cell_type == "markdown" and nbg(c).get("solution"))
+        cell.source = "Because the Jacobian is triangular."
     nbformat.write(submission, tmp_path / "hw2_flows.ipynb")
     expected = change in ("nothing", "the fast switch")
     assert classroom._not_attempted(tmp_path, {"hw2_flows": json.loads(nbformat.writes(release))}, cells) is expected

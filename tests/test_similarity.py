@@ -46,8 +46,8 @@ def test_fingerprints_are_the_same_in_every_process():
     assert len(outputs) == 1 and outputs.pop().strip() not in ("", "[]")
 
 
-def test_any_common_run_of_k_plus_w_minus_1_tokens_is_found():
-    """Winnowing's guarantee (Schleimer et al. 2003, Sec. 3): a shared run of ``_K + _WINDOW - 1`` tokens always
+def test_any_common_run_of_k_plus_w_minus_1_characters_is_found():
+    """Winnowing's guarantee (Schleimer et al. 2003, Sec. 3): a shared run of ``_K + _WINDOW - 1`` filtered characters always
     leaves a common fingerprint, wherever it sits between different code."""
     shared = "total = alpha * beta + gamma - delta / epsilon\nresult = max(total, 0)\n" * 2
     for seed in range(8):

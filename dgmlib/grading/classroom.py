@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import dgmlib
+from dgmlib import colab
 from dgmlib.grading import limits, review, sandbox, similarity, strip, untrusted
 from dgmlib.grading.untrusted import read_regular_file  # noqa: F401 - the grader's way to read a student's file
 
@@ -106,26 +108,30 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         ``reports/ASSIGNMENT.json`` and ``reports/ASSIGNMENT.txt`` under ``course``.
 
     Raises:
-        FileNotFoundError: if the course, assignment or submissions are missing, or a student named in
-            ``students`` has no submission.
+        CourseNotFoundError (a ``FileNotFoundError``): if the course, assignment or submissions are missing, or a
+            student named in ``students`` has no submission; raised before anything is graded.
         RuntimeError: if nbgrader cannot generate the assignment (its log is named), or if the sandbox has
             no seccomp filter for this machine.
     """
     course = Path(course).resolve()
     if not (course / "nbgrader_config.py").exists():
-        raise FileNotFoundError(f"{course} is not an nbgrader course (no nbgrader_config.py)")
+        raise CourseNotFoundError(f"{course} is not an nbgrader course (no nbgrader_config.py)")
     if not (course / "solutions" / assignment).is_dir():
-        raise FileNotFoundError(f"no source assignment solutions/{assignment} in {course}")
+        raise CourseNotFoundError(f"no source assignment solutions/{assignment} in {course}")
     # every entry, folder or not: check_submission says why one that is not a folder is not graded
     submitted = sorted({p.parent.name for p in (course / "submitted").glob(f"*/{assignment}")})
     if not submitted:
-        raise FileNotFoundError(f"no submissions found in {course}/submitted/*/{assignment}")
+        raise CourseNotFoundError(f"no submissions found in {course}/submitted/*/{assignment}")
     if students is not None:
         missing = sorted(set(students) - set(submitted))
         if missing:
-            raise FileNotFoundError(f"no submission of {assignment} in {course}/submitted for "
+            raise CourseNotFoundError(f"no submission of {assignment} in {course}/submitted for "
                                     f"{', '.join(missing)}")
-    students = submitted if students is None else sorted(set(students))
+    if students is None:
+        students = submitted
+    else:  # a regrade; a submission that no report has graded yet (a late one) is graded with it, never dropped
+        previous = _previous_results(course, assignment)
+        students = sorted(set(students) | {s for s in submitted if s not in previous})
     if use_sandbox and sandbox.bwrap_path() is None:
         warnings.warn("bubblewrap (bwrap) is not installed: submissions will run WITHOUT a sandbox and can "
                       "change or delete any file you can, the gradebook included. Grade on Linux with "
@@ -171,7 +177,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
             "JUPYTER_RUNTIME_DIR": str(private / "runtime"),
             "DGM_COURSE_ROOT": str(course),
             "DGM_FAST": "1" if fast else "0",
-            "DGM_FAST_LOCKED": "1",  # the notebook's fast switch cannot change the class's mode (config.set_fast_mode)
+            "DGM_FAST_LOCKED": "1",  # the notebook's fast switch keeps the class's mode (config.set_fast_mode)
             "DGM_SANDBOX_MEMORY_MB": str(memory_mb),
             "DGM_SANDBOX_OUTPUT_KB": str(output_kb),
             "DGM_SANDBOX_CPU_SECONDS": str(submission_timeout * 2),
@@ -253,6 +259,8 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         result.score, result.max_score = scores.get(result.student, (0.0, 0.0))
         (result.auto_score, result.auto_max, result.manual_score, result.manual_max,
          result.manual_pending) = split.get(result.student, (0.0, 0.0, 0.0, 0.0, 0.0))
+        # whatever the notebooks look like, a submission with points or answers to grade was attempted
+        result.not_attempted = result.not_attempted and result.score == 0 and result.manual_pending == 0
     _write_report(course, assignment, results)
     return results
 
@@ -267,16 +275,37 @@ def _previous_results(course: Path, assignment: str) -> dict[str, StudentResult]
             for r in json.loads(path.read_text())}
 
 
+def _is_fast_switch(source: str) -> bool:
+    """Whether a cell is the fast switch (``colab.fast_source``) and nothing more: its code lines, comments and
+    blank lines aside, are the template's, with ``FAST`` set to ``True``, ``False`` or ``fast_mode()``."""
+    def lines(text: str) -> list[str]:
+        code = [" ".join(line.split("#")[0].split()) for line in text.splitlines()]
+        return [re.sub(r"^FAST = (True|False|fast_mode\(\))$", "FAST = ?", line) for line in code if line]
+    return lines(source) == lines(colab.fast_source())
+
+
+def _answers(nb: dict) -> list[str]:
+    """The sources of a notebook's written answers (markdown solution cells), whitespace normalised."""
+    found = []
+    for cell in nb.get("cells", []):
+        if isinstance(cell, dict) and cell.get("cell_type") == "markdown" and \
+                cell.get("metadata", {}).get("nbgrader", {}).get("solution"):
+            source = cell.get("source", "")
+            found.append(" ".join(("".join(source) if isinstance(source, list) else str(source)).split()))
+    return sorted(found)
+
+
 def _not_attempted(folder: Path, release: dict[str, dict], instructor_cells: dict[str, set[str]]) -> bool:
-    """Whether every notebook in ``folder`` holds only the code of its release: no solution cell changed, no code
-    added (the fast switch, whatever it says, aside). Read with ``untrusted.read_notebook``.
+    """Whether every notebook in ``folder`` holds only what its release gave: no solution cell changed, no code
+    added (the fast switch, set either way, aside: ``_is_fast_switch``), no written answer changed. Read with
+    ``untrusted.read_notebook``. ``grade_assignment`` also requires a score of 0 and no answer pending.
 
     Raises:
         UntrustedFileError, OSError, ValueError: if a notebook cannot be read safely or is not JSON.
     """
     def code(nb: dict, cells: set[str]) -> list[str]:
         return sorted(" ".join(src.split()) for grade_id, _, src in review.split_cells(nb, cells)[0]
-                      if src.strip() and "The fast switch" not in src)
+                      if src.strip() and not _is_fast_switch(src)) + _answers(nb)
 
     notebooks = sorted(folder.glob("*.ipynb"))
     return bool(notebooks) and all(
@@ -315,6 +344,10 @@ def _score_split(course: Path, assignment: str) -> dict[str, tuple[float, float,
                         manual += grade.score
             split[submission.student.id] = (auto, auto_max, manual, manual_max, pending)
     return split
+
+
+class CourseNotFoundError(FileNotFoundError):
+    """The course, the assignment, the submissions or a named student's submission is missing: nothing was graded."""
 
 
 _HOST_UID_BASE = 3_000_000_000

@@ -1,13 +1,14 @@
 """Near-copies among submissions, and of dgmlib or the solutions, found by winnowing.
 
 The code is fingerprinted as MOSS does (Schleimer, Wilkerson and Aiken, "Winnowing: local algorithms for
-document fingerprinting", SIGMOD 2003). ``copydetect``'s tokeniser turns it into a string of tokens in which
+document fingerprinting", SIGMOD 2003). ``copydetect``'s filter (``filter_code``, Pygments' tokeniser) turns it into a string in which
 every name is replaced by its kind (so renaming variables does not hide a copy) and comments and whitespace are
-dropped. Every k-gram of ``_K`` tokens is hashed, and winnowing keeps the rightmost minimum of every window of
-``_WINDOW`` consecutive hashes: any common run of ``_K + _WINDOW - 1`` tokens is found. The hash is a fixed
+dropped: a keyword stays as written, a name becomes one letter (``V``, ``F``). Every k-gram of ``_K``
+characters of that filtered string is hashed (copydetect's unit; 25 characters span a few tokens), and winnowing keeps the rightmost minimum of every window of
+``_WINDOW`` consecutive hashes: any common run of ``_K + _WINDOW - 1`` filtered characters is found. The hash is a fixed
 function of the k-gram. ``copydetect``'s own fingerprints use Python's ``hash``, which is salted per process, so
 its report changed from one run of ``dgm grade`` to the next (an honest hw2 student was reported against dgmlib in
-some runs and not in others); here the same code gives the same report in every run. The similarity of A to B is the share of A's tokens that lie in k-grams of A whose
+some runs and not in others); here the same code gives the same report in every run. The similarity of A to B is the share of A's filtered characters that lie in k-grams of A whose
 fingerprints B also has.
 
 Each submission's code is its solution cells and the cells the student added. Code a student was given or
@@ -21,7 +22,7 @@ reported when ``threshold`` of it is found there.
 
 It is compared with each reference (dgmlib's source files) as a whole and cell by cell, so that one cell
 copied from dgmlib is found among cells the student wrote: it is reported when the whole, or a cell, keeps at
-least ``_MIN_CELL_TOKENS`` tokens and ``threshold`` of them are found in the reference. For this comparison
+least ``_MIN_CELL_CHARS`` filtered characters and ``threshold`` of them are found in the reference. For this comparison
 every k-gram of the solutions is left out as well. The solutions are the course's reference implementation of
 the very answers that dgmlib implements, and they share much of its code: the reference solution itself was
 found "similar to dgmlib" in hw1, hw3, hw4 and hw5 before this rule. Code a submission shares with the
@@ -54,8 +55,8 @@ __all__ = ["SimilarPair", "student_cells", "code_cells", "similar_pairs", "DEFAU
 DEFAULT_THRESHOLD = 0.6
 """Report a pair when at least 60 % of one side's code is found in the other."""
 
-_K, _WINDOW = 25, 6  # copydetect's defaults: k-grams of 25 tokens, windows of 6: any common run of 30 is found
-_MIN_CELL_TOKENS = 40  # a cell this long (after the code left out) is compared with the references on its own
+_K, _WINDOW = 25, 6  # copydetect's defaults: k-grams of 25 filtered characters, windows of 6: a common run of 30 is found
+_MIN_CELL_CHARS = 40  # a cell this long (after the code left out) is compared with the references on its own
 _BASE = np.uint64(1_000_003)  # of the polynomial hash of a k-gram (arithmetic modulo 2**64)
 _NOTHING = np.zeros(0, dtype=np.uint64)
 
@@ -73,11 +74,11 @@ class SimilarPair:
 @dataclass(frozen=True)
 class _Fingerprint:
     """The winnowed fingerprints of one piece of code: ``hashes`` and ``starts`` (where each k-gram starts, in
-    tokens), both ``(n,)``, and the number of tokens that the kept k-grams cover (``tokens`` > 0)."""
+    filtered characters), both ``(n,)``, and how many characters the kept k-grams cover (``covered`` > 0)."""
 
     hashes: np.ndarray
     starts: np.ndarray
-    tokens: int
+    covered: int
 
 
 def student_cells(notebook_path: str | Path, instructor_cells: set[str] | None = None) -> list[str]:
@@ -102,10 +103,10 @@ def code_cells(notebook_path: str | Path) -> list[str]:
 
 
 def _kgram_hashes(code: str) -> np.ndarray:
-    """The hash of every k-gram of ``code``'s tokens (``copydetect``'s filter: names replaced by their kind,
-    comments and whitespace dropped), ``(max(0, T - _K + 1),)`` uint64 for T tokens."""
-    tokens, _ = filter_code(code, "code.py")  # the name picks copydetect's Python tokeniser
-    points = np.frombuffer(tokens.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    """The hash of every k-gram of ``code`` filtered by ``copydetect`` (names replaced by their kind, comments and
+    whitespace dropped), ``(max(0, T - _K + 1),)`` uint64 for a filtered string of T characters."""
+    filtered, _ = filter_code(code, "code.py")  # the name picks copydetect's Python tokeniser
+    points = np.frombuffer(filtered.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     count = len(points) - _K + 1
     if count <= 0:
         return _NOTHING
@@ -128,7 +129,7 @@ def _all_kgrams(pieces: Sequence[str]) -> np.ndarray:
 
 
 def _covered(starts: np.ndarray) -> int:
-    """How many tokens the k-grams starting at ``starts`` cover together."""
+    """How many filtered characters the k-grams starting at ``starts`` cover together."""
     if starts.size == 0:
         return 0
     starts = np.unique(starts)
@@ -153,12 +154,12 @@ def _fingerprint(cells: Sequence[str], left_out: np.ndarray) -> _Fingerprint | N
     if not hashes:
         return None
     fingerprint = _Fingerprint(np.concatenate(hashes), np.concatenate(starts), _covered(np.concatenate(starts)))
-    return fingerprint if fingerprint.tokens > 0 else None
+    return fingerprint if fingerprint.covered > 0 else None
 
 
 def _share(a: _Fingerprint, b: _Fingerprint) -> float:
-    """The share of ``a``'s tokens that lie in k-grams whose fingerprint ``b`` also has, in [0, 1]."""
-    return _covered(a.starts[np.isin(a.hashes, b.hashes)]) / a.tokens
+    """The share of ``a``'s filtered characters that lie in k-grams whose fingerprint ``b`` also has, in [0, 1]."""
+    return _covered(a.starts[np.isin(a.hashes, b.hashes)]) / a.covered
 
 
 def similar_pairs(submissions: dict[str, list[str]], references: dict[str, str] | None = None,
@@ -172,7 +173,7 @@ def similar_pairs(submissions: dict[str, list[str]], references: dict[str, str] 
             should copy.
         boilerplate: code every student was given or shown, one string or one per cell (the release's cells,
             the lectures' code cells): none of its k-grams ever counts as copied.
-        threshold: the share of one side's tokens found in the other at which a pair is reported, in (0, 1].
+        threshold: the share of one side's code (filtered characters) found in the other at which a pair is reported, in (0, 1].
         solutions: label (e.g. ``"solutions/hw2_flows"``) -> the solution cells, which no submission as a
             whole should copy. Their k-grams are also left out when a submission is compared with the
             references: code shared with the solutions is reported as the solutions', never as dgmlib's.
@@ -194,7 +195,7 @@ def similar_pairs(submissions: dict[str, list[str]], references: dict[str, str] 
     wholes = {s: fp for s, cells in submissions.items() if (fp := _fingerprint(cells, given)) is not None}
     # compared with the references: the whole and each cell, without the solutions' code, if long enough
     parts = {s: [fp for piece in [submissions[s], *([cell] for cell in submissions[s])]
-                 if (fp := _fingerprint(piece, given_or_solved)) is not None and fp.tokens >= _MIN_CELL_TOKENS]
+                 if (fp := _fingerprint(piece, given_or_solved)) is not None and fp.covered >= _MIN_CELL_CHARS]
              for s in wholes}
     refs = {r: fp for r, code in (references or {}).items() if (fp := _fingerprint([code], _NOTHING)) is not None}
     sols = {r: fp for r, cells in (solutions or {}).items() if (fp := _fingerprint(cells, given)) is not None}
