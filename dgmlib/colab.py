@@ -135,6 +135,19 @@ FAST = fast_mode()  # or FAST = True
 FAST = set_fast_mode(FAST)  # under dgm grade, the grader's mode'''
 
 
+def is_fast_switch(source: str) -> bool:
+    """Whether ``source`` is the fast switch (``fast_source``) and nothing more: its code lines, comments and blank
+    lines aside, are the template's, with ``FAST`` set to ``True``, ``False`` or ``fast_mode()``. The grader uses it
+    on submissions, so a cell that merely starts with the switch's comment is not one.
+
+    Raises nothing.
+    """
+    def code(text: str) -> list[str]:
+        lines = [" ".join(line.split("#")[0].split()) for line in text.splitlines()]
+        return [re.sub(r"^FAST = (True|False|fast_mode\(\))$", "FAST = ?", line) for line in lines if line]
+    return code(source) == code(fast_source())
+
+
 def fast_cell() -> NotebookNode:
     """The editable fast switch (``fast_source``); in solutions/ too it has no nbgrader metadata, so a student's
     choice is kept (``dgm grade`` grades in fast mode whatever it says, see ``dgmlib.config.set_fast_mode``).
@@ -216,8 +229,8 @@ def readme_with_badges(readme: str, notebooks: Sequence[str]) -> str:
     path (e.g. ``assignments/hw2_flows/hw2_flows.ipynb``) must be linked there as ``[`name`](path)``.
     Badges of notebooks not listed (e.g. removed ones) are dropped; topics without a link get none.
     Every other Colab address in ``readme`` (such as the quick start's badge of lecture 01) is rewritten to
-    ``colab_url`` of the same notebook, and every ``git+https://github.com/OWNER/NAME@REF`` to the pinned
-    requirement's address, so that a fork's README, or a new release's, points at the fork and the new tag.
+    ``colab_url`` of the same notebook, and every ``dgmlib @ git+https://github.com/OWNER/NAME@REF`` to the
+    pinned requirement (``pip_requirement``), so that a fork's README, or a new release's, points at the fork and the new tag.
 
     Raises:
         ValueError: if the README has no syllabus section, or a notebook has no link in it.

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -67,9 +67,7 @@ def _link_distributions(names: set[str], site: Path) -> None:
 
 
 def _core_requirements() -> list[str]:
-    text = (ROOT / "pyproject.toml").read_text()
-    block = re.search(r"^dependencies = \[(.*?)^\]", text, flags=re.M | re.S).group(1)
-    return re.findall(r'"([^"]+)"', block)
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
 @pytest.mark.slow

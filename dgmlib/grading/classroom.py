@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import dgmlib
 from dgmlib import colab
-from dgmlib.grading import limits, review, sandbox, similarity, strip, untrusted
+from dgmlib.grading import judge, limits, review, sandbox, similarity, strip, untrusted
 from dgmlib.grading.untrusted import read_regular_file  # noqa: F401 - the grader's way to read a student's file
 
 
@@ -127,11 +126,10 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         if missing:
             raise CourseNotFoundError(f"no submission of {assignment} in {course}/submitted for "
                                     f"{', '.join(missing)}")
-    if students is None:
-        students = submitted
-    else:  # a regrade; a submission that no report has graded yet (a late one) is graded with it, never dropped
-        previous = _previous_results(course, assignment)
-        students = sorted(set(students) | {s for s in submitted if s not in previous})
+    # a regrade: the others keep the last report's results; a submission that no report has graded yet (a late
+    # one) is graded with it, never dropped
+    previous = _previous_results(course, assignment) if students is not None else {}
+    students = submitted if students is None else sorted(set(students) | {s for s in submitted if s not in previous})
     if use_sandbox and sandbox.bwrap_path() is None:
         warnings.warn("bubblewrap (bwrap) is not installed: submissions will run WITHOUT a sandbox and can "
                       "change or delete any file you can, the gradebook included. Grade on Linux with "
@@ -244,8 +242,7 @@ def grade_assignment(assignment: str, course: Path = Path("."), jobs: int | None
         except (OSError, ValueError) as err:  # a notebook that is not a regular file, too large, not JSON
             result.failure = result.failure or f"its notebooks could not be reviewed: {err}"
     if students != submitted:  # a regrade: the others keep their last results
-        previous = _previous_results(course, assignment)
-        results += [previous[s] for s in submitted if s not in students and s in previous]
+        results += [previous[s] for s in submitted if s not in students]
         results.sort(key=lambda r: r.student)
         refused |= {r.student for r in results if r.failure.endswith("not graded")}
     for result in results:
@@ -275,15 +272,6 @@ def _previous_results(course: Path, assignment: str) -> dict[str, StudentResult]
             for r in json.loads(path.read_text())}
 
 
-def _is_fast_switch(source: str) -> bool:
-    """Whether a cell is the fast switch (``colab.fast_source``) and nothing more: its code lines, comments and
-    blank lines aside, are the template's, with ``FAST`` set to ``True``, ``False`` or ``fast_mode()``."""
-    def lines(text: str) -> list[str]:
-        code = [" ".join(line.split("#")[0].split()) for line in text.splitlines()]
-        return [re.sub(r"^FAST = (True|False|fast_mode\(\))$", "FAST = ?", line) for line in code if line]
-    return lines(source) == lines(colab.fast_source())
-
-
 def _answers(nb: dict) -> list[str]:
     """The sources of a notebook's written answers (markdown solution cells), whitespace normalised."""
     found = []
@@ -297,7 +285,7 @@ def _answers(nb: dict) -> list[str]:
 
 def _not_attempted(folder: Path, release: dict[str, dict], instructor_cells: dict[str, set[str]]) -> bool:
     """Whether every notebook in ``folder`` holds only what its release gave: no solution cell changed, no code
-    added (the fast switch, set either way, aside: ``_is_fast_switch``), no written answer changed. Read with
+    added (the fast switch, set either way, aside: ``colab.is_fast_switch``), no written answer changed. Read with
     ``untrusted.read_notebook``. ``grade_assignment`` also requires a score of 0 and no answer pending.
 
     Raises:
@@ -305,7 +293,7 @@ def _not_attempted(folder: Path, release: dict[str, dict], instructor_cells: dic
     """
     def code(nb: dict, cells: set[str]) -> list[str]:
         return sorted(" ".join(src.split()) for grade_id, _, src in review.split_cells(nb, cells)[0]
-                      if src.strip() and not _is_fast_switch(src)) + _answers(nb)
+                      if src.strip() and not colab.is_fast_switch(src)) + _answers(nb)
 
     notebooks = sorted(folder.glob("*.ipynb"))
     return bool(notebooks) and all(
@@ -527,9 +515,6 @@ def score_line(r: StudentResult) -> str:
     return f"{_points(r.score)}/{_points(r.max_score)} ({', '.join(filter(None, [auto, f'manual {_points(r.manual_score)}/{_points(r.manual_max)}']))})"
 
 
-_NEVER_REACHED = "(judge: the test cell's probe never reached the grader's judge)"
-
-
 def _crash_notes(r: StudentResult) -> list[str]:
     """The cells that crashed, grouped by exception, the stubs left unsolved (``NotImplementedError``) first; then
     the cells scored 0 by their judge or for want of receipts, less the test cells whose crash already says why
@@ -543,7 +528,7 @@ def _crash_notes(r: StudentResult) -> list[str]:
     notes += [f"crashed ({error}): {', '.join(cells)}" for error, cells in by_error.items()]
     crashed = {entry.partition(" (")[0] for entry in r.crashed}
     for u in r.unverified:
-        if u.partition(" (")[0] in crashed and u.endswith(_NEVER_REACHED):
+        if u.partition(" (")[0] in crashed and u.endswith(f"(judge: {judge.NEVER_REACHED})"):
             continue
         notes.append(f"scored 0 by the judge: {u}" if "(judge: " in u else f"scored 0 without receipts: {u}")
     return notes

@@ -330,6 +330,10 @@ def parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------ the grader's server
 
 
+NEVER_REACHED = "the test cell's probe never reached the grader's judge"
+"""The reason of a test cell whose probe never reached its judge while it ran (it crashed first, or never probed)."""
+
+
 @dataclass(frozen=True)
 class Verdict:
     """A judge's decision for one test cell."""
@@ -383,7 +387,7 @@ class JudgeServer:
         """The verdict of the cell's judge, or a failing one if no probe reached it while the cell ran."""
         with self._lock:
             return self._verdicts.get(grade_id) or Verdict(
-                grade_id, False, "the test cell's probe never reached the grader's judge")
+                grade_id, False, NEVER_REACHED)
 
     def close(self) -> None:
         """Stop serving and remove the socket."""
