@@ -3,6 +3,10 @@
 Theorems checked (lecture 10, Ho et al. 2020): the closed form of q(x_t | x_0) (Eq. 4), the
 posterior q(x_{t-1} | x_t, x_0) is Bayes' rule (Eq. 6-7), q(x_T | x_0) ≈ N(0, I), the bound's
 terms add up (Eq. 5), and ancestral / DDIM sampling with the exact ε recovers the data.
+
+Improved DDPM (Nichol & Dhariwal 2021): the learned variances interpolate between β_t and β̃_t (Eq. 15),
+L_hybrid's L_vlb does not train the mean (Eq. 16, Sec. 3.1), importance sampling of t (Eq. 18) is uniform
+until the history is full, then follows sqrt(E[L_t²]), and weighting by 1/p_t keeps L_vlb unbiased.
 """
 
 from __future__ import annotations
@@ -261,3 +265,327 @@ def test_lecture_mechanism_cells_compute_what_dgmlib_computes():
         got = ns["ddpm_sample"](net, s, (64, *event_shape), generator=torch.Generator().manual_seed(4))
         scale = expected.abs().max().item()  # untrained networks: samples far from unit scale
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+# --------------------------------------------------------------------------- improved DDPM (Nichol & Dhariwal 2021)
+
+
+class _Stub(nn.Module):
+    """A network with one parameter per half of its output: the prediction ``a x_t`` and a constant ``v = b``
+    (``(B, C, ...) -> (B, 2C, ...)``), so that the gradient reaching each half can be read off; with
+    ``v=None``, the prediction alone (a fixed-variance network)."""
+
+    def __init__(self, v: float | None = 0.5, a: float = 0.3) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+        self.b = None if v is None else nn.Parameter(torch.tensor(v, dtype=torch.float64))
+
+    def forward(self, x_t, t):
+        if self.b is None:
+            return self.a * x_t
+        return torch.cat([self.a * x_t, self.b * torch.ones_like(x_t)], dim=1)
+
+
+class _RecordT(nn.Module):
+    """A network that remembers the timesteps it was called with (and predicts ε = 0.1 x_t)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(0.1))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x_t, t):
+        self.seen.append(t.clone())
+        return self.w * x_t
+
+
+def _points(n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("v, expected", [(1.0, "betas"), (0.0, "posterior_variance")])
+def test_learned_variance_interpolates_between_beta_and_beta_tilde(v, expected):
+    """Nichol & Dhariwal Eq. 15: Σ = exp(v log β_t + (1 - v) log β̃_t); v = 1 is β_t, v = 0 is β̃_t (β̃_1 = 0
+    clipped to β̃_2)."""
+    s = NoiseSchedule.cosine(30)
+    model = DDPM(_Stub(v), s, (2,), variance="learned")
+    x_t, t = _points(30), torch.arange(1, 31)
+    _, var, _ = model.p_mean_variance(x_t, t)  # the default is the model's own: the learned one
+    want = getattr(s, expected).clone()
+    if expected == "posterior_variance":
+        want[0] = want[1]
+    torch.testing.assert_close(var, want[:, None].expand(30, 2))
+    torch.testing.assert_close(model.learned_log_variance(t, torch.full((30, 2), v, dtype=torch.float64)),
+                               want.log()[:, None].expand(30, 2))
+    # the mean comes from the first half alone (ε = 0.3 x_t)
+    eps = 0.3 * x_t
+    mean, _, _ = model.p_mean_variance(x_t, t)
+    x0_hat = diffusion.predict_x0_from_eps(s, x_t, t, eps)
+    torch.testing.assert_close(mean, diffusion.q_posterior_mean_variance(s, x0_hat, x_t, t)[0])
+    # sampling uses the learned variance by default: with v = 1 it samples as with β_t, with v = 0 as with β̃_t
+    ref = "beta" if v == 1.0 else "beta_tilde"
+    a = model.sample(5, generator=torch.Generator().manual_seed(0))
+    b = model.sample(5, variance=ref, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+
+
+def test_learned_variance_network_sizes():
+    unet = diffusion.UNet(2, base=8, emb_dim=16, in_channels=1)
+    assert unet(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])).shape == (3, 2, 8, 8)
+    assert diffusion.TimeMLP(2, 16, 2, 8, out_dim=4)(torch.randn(3, 2), torch.tensor([1, 2, 3])).shape == (3, 4)
+    torch.manual_seed(0)
+    model = DDPM(unet, NoiseSchedule.linear(25), (1, 8, 8), num_levels=17, variance="learned")
+    eps, x0 = model.predict_eps_x0(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]))
+    assert eps.shape == x0.shape == (3, 1, 8, 8)
+    assert model.ddim_sample(2, steps=5).shape == (2, 1, 8, 8) and model.sample(2).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_hybrid_loss_trains_the_variance_only_through_l_vlb(images):
+    """L_hybrid = L_simple + λ L_vlb (Eq. 16) with a stop-gradient on the mean in L_vlb (Sec. 3.1): the
+    prediction's parameter gets exactly L_simple's gradient, v gets a gradient from L_vlb alone."""
+    if images:
+        s, shape, levels = NoiseSchedule.linear(25), (1, 8, 8), 17
+        batch = data.load_digits("test")[:8]
+    else:
+        s, shape, levels = NoiseSchedule.linear(25), (2,), None
+        batch = _points(8)
+    model = DDPM(_Stub(0.4), s, shape, num_levels=levels, variance="learned")
+    torch.manual_seed(1)
+    loss = model.training_loss(batch)
+    assert loss.shape == (8,) and torch.isfinite(loss).all()
+    loss.sum().backward()
+    grad_a, grad_b = model.net.a.grad.clone(), model.net.b.grad.clone()
+    # the same draws by hand: t, then ε, from the global stream
+    torch.manual_seed(1)
+    x0 = model.to_unit(batch)
+    t = torch.randint(1, s.T + 1, (8,))
+    noise = torch.randn_like(x0)
+    x_t = diffusion.q_sample(s, x0, t, noise)
+    model.net.a.grad = None
+    simple = (model.net.a * x_t - noise).pow(2).flatten(1).mean(1)
+    simple.sum().backward()
+    torch.testing.assert_close(grad_a, model.net.a.grad)  # λ L_vlb adds nothing to the mean's gradient
+    assert grad_b.abs() > 0  # ... and trains v
+    vlb = model.vlb_term(batch, t, noise)
+    D = math.prod(shape)
+    torch.testing.assert_close(loss, simple.detach() + diffusion.HYBRID_LAMBDA * s.T * vlb.detach() / (D * math.log(2)))
+    # without the stop-gradient (the L_vlb objective) the mean does get a gradient from the bound
+    model.net.a.grad = None
+    model.vlb_term(batch, t, noise).sum().backward()
+    assert model.net.a.grad.abs() > 0
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_improved_ddpm_losses_are_finite_and_per_example(images):
+    torch.manual_seed(0)
+    for variance in diffusion.VARIANCE_MODES:
+        for t_sampling in diffusion.T_SAMPLINGS:
+            k = 2 if variance == "learned" else 1
+            if images:
+                net = diffusion.UNet(k, base=8, emb_dim=16, in_channels=1)
+                model = DDPM(net, NoiseSchedule.cosine(20), (1, 8, 8), num_levels=17, variance=variance,
+                             t_sampling=t_sampling)
+                batch = data.load_digits("test")[:12]
+            else:
+                net = diffusion.TimeMLP(2, 16, 2, 8, out_dim=2 * k)
+                model = DDPM(net, NoiseSchedule.cosine(20), (2,), variance=variance, t_sampling=t_sampling)
+                batch = _points(12).float()
+            loss = model.training_loss(batch)
+            assert loss.shape == (12,) and torch.isfinite(loss).all(), (variance, t_sampling)
+            loss.mean().backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+            # every t, t = 1 (the decoder) included, has a finite term with finite gradients
+            model.zero_grad()
+            terms = model.vlb_term(batch[:1].expand(20, *batch.shape[1:]), torch.arange(1, 21))
+            assert terms.shape == (20,) and torch.isfinite(terms).all()
+            terms.sum().backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_importance_sampling_is_uniform_until_every_history_is_full():
+    T, H = 20, diffusion.HISTORY_PER_TERM
+    net = _RecordT()
+    model = DDPM(net, NoiseSchedule.cosine(T), (2,), t_sampling="importance")
+    torch.testing.assert_close(model.t_probabilities(), torch.full((T,), 1 / T))
+    model.loss_history.uniform_(1, 100)
+    model.loss_count.fill_(H)
+    model.loss_count[7] = H - 1  # one t short of a full history
+    torch.testing.assert_close(model.t_probabilities(), torch.full((T,), 1 / T))
+    model.eval()
+    torch.manual_seed(0)
+    model.training_loss(_points(40_000).float())
+    counts = torch.bincount(net.seen[-1] - 1, minlength=T).double()
+    assert ((counts - 2000).abs() < 4 * math.sqrt(2000 * (1 - 1 / T))).all(), counts
+    # the loss is the term over p_t = 1/T: T L_{t-1}, the same draws (t from torch.multinomial, then ε)
+    batch = _points(16).float()
+    torch.manual_seed(3)
+    loss = model.training_loss(batch)
+    torch.manual_seed(3)
+    t = torch.multinomial(torch.full((T,), 1 / T), 16, replacement=True) + 1
+    torch.testing.assert_close(loss, T * model.vlb_term(batch, t, torch.randn_like(batch)))
+
+
+def test_importance_probabilities_are_the_root_mean_square_of_the_history():
+    """Nichol & Dhariwal Eq. 18: p_t ∝ sqrt(E[L_t²]) over the last 10 values, here mixed with a little of
+    the uniform distribution (``UNIFORM_MIX``, as improved-diffusion does) so that no p_t is 0."""
+    T, H, u = 20, diffusion.HISTORY_PER_TERM, diffusion.UNIFORM_MIX
+    net = _RecordT()
+    model = DDPM(net, NoiseSchedule.cosine(T), (2,), t_sampling="importance").eval()
+    history = torch.rand(T, H, generator=torch.Generator().manual_seed(0)) * torch.arange(1, T + 1)[:, None] ** 2
+    model.loss_history.copy_(history)
+    model.loss_count.fill_(H)
+    w = history.double().pow(2).mean(1).sqrt()
+    expected = (1 - u) * w / w.sum() + u / T
+    p = model.t_probabilities()
+    torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-7)
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-6) and (p > 0).all()
+    # the draws follow p
+    torch.manual_seed(0)
+    n = 50_000
+    model.training_loss(_points(n).float())
+    counts = torch.bincount(net.seen[-1] - 1, minlength=T).double()
+    assert ((counts - n * expected).abs() < 4 * (n * expected * (1 - expected)).sqrt() + 1).all()
+
+
+def test_importance_weighted_l_vlb_is_unbiased():
+    """E_{t~p}[L_{t-1} / p_t] = Σ_t L_{t-1}: enumerate t with its probability, the same ε for every t."""
+    T = 20
+    torch.manual_seed(0)
+    for variance, k in (("fixed", 1), ("learned", 2)):
+        net = diffusion.UNet(k, base=8, emb_dim=16, in_channels=1)
+        model = DDPM(net, NoiseSchedule.cosine(T), (1, 8, 8), num_levels=17, variance=variance,
+                     t_sampling="importance").eval()
+        model.loss_history.copy_(torch.rand(T, diffusion.HISTORY_PER_TERM) * 50 + 1)
+        model.loss_count.fill_(diffusion.HISTORY_PER_TERM)
+        p = model.t_probabilities()
+        assert not torch.allclose(p, torch.full_like(p, 1 / T))
+        batch = data.load_digits("test")[:4]
+        with torch.no_grad():
+            estimate, exact = torch.zeros(4), torch.zeros(4)
+            for t in range(1, T + 1):
+                tt = torch.full((4,), t)
+                torch.manual_seed(5)
+                estimate += p[t - 1] * model.training_loss(batch, tt)
+                torch.manual_seed(5)
+                exact += model.vlb_term(batch, tt, torch.randn(4, 1, 8, 8))
+        torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-4)
+        # and Σ_t L_{t-1} (with L_T) is the bound, term by term, with bound_terms' draws
+        g = torch.Generator().manual_seed(7)
+        terms = model.bound_terms(batch, g)
+        g = torch.Generator().manual_seed(7)
+        noises = {t: torch.randn(4, 1, 8, 8, generator=g) for t in [*range(2, T + 1), 1]}
+        with torch.no_grad():
+            mine = torch.stack([model.vlb_term(batch, torch.full((4,), t), noises[t]) for t in range(1, T + 1)], 1)
+        torch.testing.assert_close(mine[:, 1:], terms["diffusion"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mine[:, 0], terms["decoder"], rtol=1e-4, atol=1e-4)
+
+
+def test_the_loss_history_is_a_ring_of_the_last_values():
+    T, H = 5, diffusion.HISTORY_PER_TERM
+    model = DDPM(_RecordT(), NoiseSchedule([0.1] * T), (2,), t_sampling="importance")
+    model.update_loss_history(torch.tensor([2, 2, 4]), torch.tensor([1.0, 2.0, 3.0]))
+    assert model.loss_count.tolist() == [0, 2, 0, 1, 0]
+    assert model.loss_history[1, :2].tolist() == [1.0, 2.0] and model.loss_history[3, 0] == 3.0
+    # 13 more values of t = 2 in one batch: 15 in all, the last 10 stay, in ring order; NaN is skipped
+    values = torch.arange(3, 16, dtype=torch.float32)
+    model.update_loss_history(torch.full((14,), 2), torch.cat([values, torch.tensor([float("nan")])]))
+    assert model.loss_count[1] == 15
+    assert sorted(model.loss_history[1].tolist()) == list(range(6, 16))
+    assert model.loss_history[1, 14 % H] == 15.0
+    # training mode records the drawn terms; evaluation does not
+    batch = _points(32).float()
+    model.eval()
+    model.training_loss(batch)
+    assert model.loss_count.sum() == 16
+    model.train()
+    model.training_loss(batch)
+    assert model.loss_count.sum() == 16 + 32
+
+
+def test_the_importance_buffers_move_and_are_saved():
+    model = DDPM(diffusion.TimeMLP(2, 16, 2, 8), NoiseSchedule.linear(30), (2,), t_sampling="importance")
+    state = model.state_dict()
+    assert state["loss_history"].shape == (30, diffusion.HISTORY_PER_TERM) and state["loss_count"].shape == (30,)
+    model.loss_history.fill_(2.0)
+    model.loss_count.fill_(10)
+    again = DDPM(diffusion.TimeMLP(2, 16, 2, 8), NoiseSchedule.linear(30), (2,), t_sampling="importance")
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.loss_history, model.loss_history) and torch.equal(again.loss_count, model.loss_count)
+    model.to(torch.float64)
+    assert model.loss_history.dtype == torch.float64 and model.loss_count.dtype == torch.long
+    model.to("meta")
+    assert model.loss_history.device.type == "meta" and model.loss_count.device.type == "meta"
+    assert model.t_probabilities().device.type == "meta"
+    loss = model.training_loss(torch.zeros(8, 2, device="meta", dtype=torch.float64))  # no value is read
+    assert loss.shape == (8,) and loss.device.type == "meta" and model.loss_count.device.type == "meta"
+    # a uniform-t model keeps the state_dict it always had
+    assert "loss_history" not in DDPM(diffusion.TimeMLP(2, 16, 2, 8), NoiseSchedule.linear(30), (2,)).state_dict()
+
+
+def test_bound_terms_with_learned_variances():
+    torch.manual_seed(0)
+    model = DDPM(diffusion.UNet(2, base=8, emb_dim=16, in_channels=1), NoiseSchedule.linear(25), (1, 8, 8),
+                 num_levels=17, variance="learned")
+    y = data.load_digits("test")[:6]
+    terms = model.bound_terms(y, torch.Generator().manual_seed(0))
+    assert terms["diffusion"].shape == (6, 24) and (terms["diffusion"] >= -1e-4).all()
+    assert all(torch.isfinite(v).all() for v in terms.values())
+    torch.testing.assert_close(terms["total"], terms["prior"] + terms["diffusion"].sum(1) + terms["decoder"])
+    assert (terms["decoder"] > 0).all() and model.nll(y).shape == (6,)
+    # v = 0 gives the fixed model's KL terms (β̃_t), v = 1 its decoder (β_1): the same ε, the same draws
+    s = NoiseSchedule.linear(25)
+    ref = DDPM(_Stub(None), s, (1, 8, 8), num_levels=17).bound_terms(y, torch.Generator().manual_seed(1))
+    bounds = {v: DDPM(_Stub(v), s, (1, 8, 8), num_levels=17, variance="learned").bound_terms(
+        y, torch.Generator().manual_seed(1)) for v in (0.0, 1.0)}
+    torch.testing.assert_close(bounds[0.0]["diffusion"], ref["diffusion"])
+    torch.testing.assert_close(bounds[1.0]["decoder"], ref["decoder"])
+    assert not torch.allclose(bounds[1.0]["diffusion"], ref["diffusion"])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,), variance="sigma"), ValueError,
+     "variance.*'sigma'"),
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,), t_sampling="stratified"), ValueError,
+     "t_sampling.*'stratified'"),
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,)).p_mean_variance(
+        torch.zeros(1, 2), torch.tensor([1]), "learned"), ValueError, "variance='learned'"),
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,), variance="learned").training_loss(
+        torch.zeros(4, 2)), ValueError, "twice the channels"),
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,)).update_loss_history(
+        torch.tensor([1]), torch.tensor([1.0])), RuntimeError, "t_sampling='importance'"),
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,), t_sampling="importance").update_loss_history(
+        torch.tensor([1, 2]), torch.tensor([1.0])), ValueError, "losses"),
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,), t_sampling="importance").update_loss_history(
+        torch.tensor([0]), torch.tensor([1.0])), ValueError, "1 to T"),
+    (lambda: DDPM(diffusion.TimeMLP(), NoiseSchedule.linear(50), (2,)).training_loss(
+        torch.zeros(4, 2), torch.tensor([1, 2, 3, 51])), ValueError, "1 to T"),
+    (lambda: NoiseSchedule.from_name("quadratic", 50), ValueError, "schedule.*'quadratic'"),
+])
+def test_bad_improved_ddpm_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_the_registry_builds_every_improved_ddpm(monkeypatch):
+    """``dgm train ddpm --schedule S --variance V --t_sampling M``: each combination builds, and the default
+    is Ho et al.'s model as before (the same parameters, the same state_dict keys)."""
+    from dgmlib.models import MODELS
+
+    monkeypatch.setenv("DGM_FAST", "1")
+    spec = MODELS["ddpm"]
+    assert spec.resolve_options({}) == {"schedule": "linear", "variance": "fixed", "t_sampling": "uniform"}
+    digits, toy = data.load_image_data("digits"), data.load_toy_data("swissroll")
+    default = spec.build(digits)
+    assert default.variance == "fixed" and default.t_sampling == "uniform"
+    assert torch.allclose(default.schedule.betas, NoiseSchedule.linear(100).betas)
+    for schedule in diffusion.SCHEDULES:
+        for variance in diffusion.VARIANCE_MODES:
+            for t_sampling in diffusion.T_SAMPLINGS:
+                for d in (digits, toy):
+                    model = spec.build(d, schedule=schedule, variance=variance, t_sampling=t_sampling)
+                    assert (model.variance, model.t_sampling) == (variance, t_sampling)
+                    torch.testing.assert_close(model.schedule.betas, NoiseSchedule.from_name(schedule, 100).betas)
+                    assert model.training_loss(d.train[:4]).shape == (4,)
+    with pytest.raises(ValueError, match="variance"):
+        spec.build(digits, variance="large")
