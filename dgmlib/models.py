@@ -241,21 +241,37 @@ def _ffjord_report(model: cnf.CNF, data: ToyData, seed: int) -> dict:
     return metrics
 
 
-def _build_ddpm(d: Data) -> diffusion.DDPM:
+def _build_ddpm(d: Data, schedule: str = "linear", variance: str = "fixed",
+                t_sampling: str = "uniform") -> diffusion.DDPM:
+    """A DDPM with T = 1000 (100 in fast mode): a U-Net for images, a time MLP for 2D toys, with twice the
+    output channels (ε and v) for learned variances. The options are ``DDPM``'s (Nichol & Dhariwal 2021).
+
+    Raises:
+        ValueError: for an unknown schedule, variance or t_sampling.
+    """
     T = pick(1000, 100)
+    noise_schedule = diffusion.NoiseSchedule.from_name(schedule, T)
+    if variance not in diffusion.VARIANCE_MODES:  # checked before a network is built and its weights drawn
+        raise ValueError(f"variance must be one of {', '.join(diffusion.VARIANCE_MODES)}, got {variance!r}")
+    outputs = 2 if variance == "learned" else 1
     if isinstance(d, ToyData):
-        return diffusion.DDPM(diffusion.TimeMLP(d.num_dims, hidden=pick(128, 64), num_layers=3),
-                              diffusion.NoiseSchedule.linear(T), (d.num_dims,))
-    return diffusion.DDPM(diffusion.UNet(d.shape[0], base=pick(64, 16)), diffusion.NoiseSchedule.linear(T), d.shape,
-                          num_levels=d.num_levels)
+        net = diffusion.TimeMLP(d.num_dims, hidden=pick(128, 64), num_layers=3,
+                                out_dim=outputs * d.num_dims if outputs > 1 else None)
+        return diffusion.DDPM(net, noise_schedule, (d.num_dims,), variance=variance, t_sampling=t_sampling)
+    net = diffusion.UNet(outputs * d.shape[0], base=pick(64, 16), in_channels=d.shape[0] if outputs > 1 else None)
+    return diffusion.DDPM(net, noise_schedule, d.shape, num_levels=d.num_levels, variance=variance,
+                          t_sampling=t_sampling)
 
 
 def _ddpm_report(model: diffusion.DDPM, data: Data, seed: int) -> dict:
-    """The bound in nats (images), and DDPM (T steps) against DDIM (50 steps): time and sample distance."""
+    """The bound in nats (images), and DDPM (T steps) against DDIM (50 steps): time and sample distance.
+
+    The bound and the ancestral samples use the model's variances (learned ones if it has them); DDIM
+    uses ε only."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     metrics: dict = {"diffusion_steps": model.schedule.T, "ddim_steps": 50}
-    images = isinstance(data, ImageData)
+    images, learned = isinstance(data, ImageData), model.variance == "learned"
     if images:
         test = data.test[:MAX_TEST_IMAGES]
         terms = [model.bound_terms(batch, g) for batch in test.split(500)]
@@ -265,10 +281,14 @@ def _ddpm_report(model: diffusion.DDPM, data: Data, seed: int) -> dict:
             bound_prior_nats=torch.cat([t["prior"] for t in terms]).mean().item(),
             bound_diffusion_nats=torch.cat([t["diffusion"].sum(1) for t in terms]).mean().item(),
             bound_decoder_nats=torch.cat([t["decoder"] for t in terms]).mean().item(),
-            nll_method="variational bound",
+            nll_method="variational bound" + (", learned variances" if learned else ""),
             likelihood=f"variational bound L_T + sum_t L_{{t-1}} + L_0 on -log P(y) (Ho et al. Eq. 5) on {len(test)} "
                        "test images, all T terms, one x_t per term, discretized Gaussian decoder over the levels; "
-                       "no dequantization term")
+                       + ("with the learned variances Sigma_theta = exp(v log beta_t + (1 - v) log beta~_t) "
+                          "(Nichol & Dhariwal Eq. 15) in every L_{t-1} and in the decoder's scale"
+                          if learned else "with the fixed variances sigma_t^2 = beta~_t in the L_{t-1} and beta_1 "
+                                          "in the decoder")
+                       + "; no dequantization term")
     n = 64 if images else min(2000, len(data.test), len(data.val))
     flat = (lambda x: model.to_unit(x).flatten(1)) if images else (lambda x: x)
     test, held_out = flat(data.test[:n]), flat(data.val[:n])
@@ -688,12 +708,22 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "ddpm": ModelSpec(
         family="diffusion",
-        description="DDPM: linear schedule, T = 1000, eps-prediction, U-Net (images) or time MLP (2D toys), "
-                    "L_simple; the bound in bits/dim, DDPM vs DDIM sampling (lecture 10)",
+        description="DDPM: T = 1000, eps-prediction, U-Net (images) or time MLP (2D toys), L_simple; the bound in "
+                    "bits/dim, DDPM vs DDIM sampling (lecture 10); improved DDPM (Nichol & Dhariwal 2021): "
+                    "--schedule cosine, --variance learned (L_hybrid), --t_sampling importance (L_vlb)",
         build=_build_ddpm, epochs=200, fast_epochs=3, lr=2e-3, batch_size=128, report=_ddpm_report,
         data=("images", "toy2d"),
         figures=functools.partial(_image_samples, to_unit=lambda x: (x + 1) / 2),  # a DDPM samples in [-1, 1]
-        loss=lambda model: model.training_loss, loss_label="L_simple (mean squared error of ε)",
+        loss=lambda model: model.training_loss,
+        loss_label="L_simple (MSE of ε); L_hybrid if --variance learned; L_vlb/p_t (nats) if --t_sampling importance",
+        options={"schedule": Option(diffusion.SCHEDULES, "linear", "the noise schedule: linear (Ho et al.) or cosine "
+                                                                   "(Nichol & Dhariwal Eq. 17)"),
+                 "variance": Option(diffusion.VARIANCE_MODES, "fixed",
+                                    "sigma_t^2 fixed (beta_t to sample), or learned between beta_t and beta~_t "
+                                    "(Eq. 15), trained by L_hybrid = L_simple + 0.001 L_vlb (Eq. 16)"),
+                 "t_sampling": Option(diffusion.T_SAMPLINGS, "uniform",
+                                      "t uniform, or importance-sampled (p_t ~ sqrt(E[L_t^2]), Eq. 18) with L_vlb "
+                                      "as the training loss")},
         overrides={"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)},
                    "mnist": {**_MNIST, "lr": (2e-4, 2e-4)}},
         columns=_DDPM_COLUMNS,
@@ -769,3 +799,18 @@ MODELS: dict[str, ModelSpec] = {
         columns=_GAN_COLUMNS,
     ),
 }
+
+
+def register(name: str, spec: ModelSpec) -> None:
+    """Add a model to ``MODELS`` from the module of its family (as ``dgmlib.score_models`` does), so that
+    no file grows with the syllabus.
+
+    Raises:
+        ValueError: if the name is taken.
+    """
+    if name in MODELS:
+        raise ValueError(f"a model named {name!r} is already registered")
+    MODELS[name] = spec
+
+
+from dgmlib import score_models  # noqa: E402, F401 - lecture 11's entries register themselves beside their family

@@ -18,12 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-from dgmlib import cnf, device, diffusion
+from dgmlib import cnf, device, diffusion, score
 from dgmlib.data import ImageData, load_image_data, load_toy_data
 from dgmlib.models import MODELS
 from dgmlib.train import check_data, evaluate, fit
 
-NEEDS_VALUES = {"ffjord": "torchdiffeq's adaptive dopri5 reads its step sizes and the times' values"}
+NEEDS_VALUES = {"ffjord": "torchdiffeq's adaptive dopri5 reads its step sizes and the times' values",
+                "score_sde": "its nll solves the probability-flow ODE with torchdiffeq's adaptive dopri5",
+                "ncsn": "annealed Langevin sampling takes its step sizes from the values of the noise levels"}
 """Registered models that cannot run on ``meta``; the default-device trap and the dynamics test cover them."""
 
 
@@ -145,6 +147,8 @@ def test_every_image_model_builds_for_mnist(name, monkeypatch):
     assert sum(p.numel() for p in model.parameters()) >= digits_params
     settings = spec.train_settings("mnist")
     assert settings["batch_size"] >= 64 and "time_budget" not in settings  # bounded by epochs, not the clock
+    if name in NEEDS_VALUES:  # test_score_models_run_on_meta covers the rest of what runs without values
+        return
     monkeypatch.setenv("DGM_FAST", "1")
     model = spec.build(d).to("meta").eval()
     with torch.no_grad():
@@ -308,3 +312,38 @@ def test_ddim_with_one_step_starts_at_T():
     seen.clear()
     model.ddim_sample(4, steps=3)
     assert seen == [[100], [50], [1]]
+
+
+@pytest.mark.parametrize("name", ["ncsn", "score_sde", "vdm"])
+def test_score_models_run_on_meta(name):
+    """Lecture 11's models on ``meta``, for the images and the 2D data: a training step, the score, the
+    fixed-step samplers, and the probability-flow dynamics (exact and Hutchinson trace) that the adaptive
+    solver would call; only the solver itself and annealed Langevin's step sizes need values."""
+    spec = MODELS[name]
+    for d in (load_image_data("digits"), load_toy_data("8gaussians")):
+        model = spec.build(d).to("meta")
+        batch = d.train[:8].to("meta")
+        assert _step(model, spec, batch).device.type == "meta"
+        model.eval()
+        x = torch.zeros(8, *d.shape if isinstance(d, ImageData) else (d.num_dims,), device="meta")
+        with torch.no_grad():
+            if name == "ncsn":
+                sigma = model.sigmas[:1].float().expand(8)
+                outputs = [model.score(x, sigma), spec.loss(model)(batch)]
+            else:
+                t = torch.full((8,), 0.5, device="meta")
+                outputs = [model.score(x, t), model.sample(2, "euler_maruyama", num_steps=2),
+                           model.sample(2, "predictor_corrector", num_steps=2,
+                                        generator=torch.Generator().manual_seed(0))]
+                if name == "vdm":
+                    outputs += [model.nll(batch), model.sample(2, "ancestral", num_steps=2),
+                                model.bound_terms(batch, num_steps=10)["total"]]
+                dim = x[0].numel()
+                flow = score.ProbabilityFlow(model.sde, model.score, x.shape[1:])
+                for trace in ("exact", "rademacher"):
+                    dyn = cnf.CNFDynamics(flow, dim, trace)
+                    dyn.noise = cnf.sample_noise((8, dim), trace, dtype=x.dtype, device="meta") \
+                        if trace != "exact" else None
+                    outputs.append(dyn(torch.tensor(0.5, device="meta"), torch.zeros(8, dim + 1, device="meta")))
+        for out in outputs:
+            assert out.device.type == "meta"
