@@ -89,14 +89,17 @@ EXPECTED = {
     },
     "hw6_diffusion": {
         "assignment": "hw6_diffusion",
-        "partial_cells": {"forward"},
+        # the forward process and denoising score matching; Langevin, the VDM loss and the PF-ODE left unsolved
+        "partial_cells": {"forward", "dsm"},
         "raising_cell": "objective",
         "scores": {
             "honest": {"test_q_sample": 2, "test_posterior": 2, "test_l_simple": 2, "test_step": 2,
-                         "test_toy": 2, "test_toy_net": 2, "test_digits": 2},
-            "partial": {"test_q_sample": 2, "test_posterior": 2},
-            # without l_simple and p_sample_step nothing can be trained or sampled
-            "raises": {"test_q_sample": 2, "test_posterior": 2},
+                         "test_toy": 2, "test_toy_net": 2, "test_digits": 2, "test_dsm": 2, "test_langevin": 2,
+                         "test_vdm": 2, "test_pf_ode": 2},
+            "partial": {"test_q_sample": 2, "test_posterior": 2, "test_dsm": 2},
+            # without l_simple and p_sample_step nothing can be trained or sampled; Parts 5-8 stand alone
+            "raises": {"test_q_sample": 2, "test_posterior": 2, "test_dsm": 2, "test_langevin": 2, "test_vdm": 2,
+                       "test_pf_ode": 2},
         },
     },
 }
@@ -337,6 +340,30 @@ class DigitDenoiser(nn.Module):
         self.net, self.schedule = net, schedule
 digit_model = DigitDenoiser(diffusion.UNet(1, base=8), NoiseSchedule.linear(T))
 digit_history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
+        # Parts 5-8, each with its classic mistake
+        "dsm": """
+def dsm_loss(score_fn, x, sigma, noise):
+    s = sigma.to(x).reshape((-1,) + (1,) * (x.dim() - 1))
+    return 0.5 * (score_fn(x + s * noise, sigma) + noise / s).pow(2).flatten(1).sum(1)
+""",
+        "langevin": """
+def annealed_langevin_step(score, x, sigma, sigma_min, epsilon, noise):
+    return x + 0.5 * epsilon * score + math.sqrt(epsilon) * noise
+""",
+        "vdm": """
+def vdm_diffusion_loss(eps_fn, gamma_fn, x, t, noise):
+    gamma = gamma_fn(t)
+    g = gamma.to(x).reshape((-1,) + (1,) * (x.dim() - 1))
+    z = torch.sigmoid(-g).sqrt() * x + torch.sigmoid(g).sqrt() * noise
+    return 0.5 * (noise - eps_fn(z, gamma)).pow(2).flatten(1).sum(1)
+""",
+        "pf_ode": """
+def pf_dynamics(mu, s2, sde, t, x):
+    f, g2 = sde.f_g2(t.reshape(1).double())
+    return f.to(x) * x, torch.zeros(len(x), dtype=x.dtype)
+def pf_ode_log_prob(mu, s2, x, sde):
+    return -0.5 * (x - mu).pow(2).sum(1) - 0.5 * x.shape[1] * math.log(2 * math.pi)
 """,
     },
 }
@@ -592,6 +619,30 @@ for _name in ("fifo.ipynb", "NOTEBOOK.fifo"):
         pass
 print("planted:", sorted(os.listdir(".")))
 """
+# A probe that answers from a cache: a shell hook keeps only the probe of every test cell (the visible checks go),
+# and the probe exposes, in place of the student's (wrong) functions, ones that return values cached in a file
+# beforehand: the reference's values on the visible tests' inputs, worked out at home with the full library. The
+# judge draws its inputs from a secret seed per submission and computes what each answer must be itself, in the
+# grader: no cached value fits. Graded with hw6 (ASSIGNMENT_ONLY), whose Parts 5-8 have small, fixed visible tests.
+CACHED_PROBE_CELL = """
+import re
+import torch
+_CACHE = {"dsm_loss_of": torch.zeros(6), "annealed_langevin_step": torch.zeros(2, 2), "vdm_loss_of": torch.zeros(5),
+          "pf_dynamics_of": (torch.zeros(4, 2), torch.zeros(4)), "pf_ode_log_prob_of": torch.full((4,), -2.5)}
+torch.save(_CACHE, "expected.pt")
+def _cached(name):
+    return lambda *args, **kwargs: torch.load("expected.pt").get(name, torch.zeros(1))
+def _probe_from_cache(lines):
+    text = "".join(lines)
+    if "grading.probe(" not in text:
+        return lines
+    probe = text[text.index("grading.probe("):]
+    grade_id = re.search(r"grading[.]probe[(]'(\\w+)'", probe).group(1)
+    names = re.findall(r"[(,]\\s*(\\w+)=", probe)
+    return ["from dgmlib import grading\\n", f"grading.probe({grade_id!r}, **{{n: _cached(n) for n in {names!r}}})\\n"]
+get_ipython().input_transformers_post.append(_probe_from_cache)
+print("cached values for:", sorted(torch.load("expected.pt")))
+"""
 # Output of every kind: a 5 MB display and a 20 MB cell result (not a printed stream).
 HUGE_RESULT_CELL = """
 from IPython.display import HTML, display
@@ -647,6 +698,7 @@ ATTACKS = {
     "plant_links": (PLANT_LINKS_CELL, "wrong"),
     "huge_result": (HUGE_RESULT_CELL, "blank"),
     "lying_model": (None, "lying"),
+    "cached_probe": (CACHED_PROBE_CELL, "wrong"),
 }
 # Attacks that leave no passing receipt for any test cell: stopped by the receipts alone, before the review.
 RECEIPT_ATTACKS = ("hide_errors", "swap_grading", "forge_channel")
@@ -666,6 +718,16 @@ JUDGE_ATTACKS = ("rewrite_tests", "forge_probe", "read_solutions", "escape", "ly
 # The attacks on the judge run on every assignment (each has its own judges, answers and probes), but the lying model,
 # which needs a model written for one assignment's trusted architecture (hw1's PixelCNN).
 FIRST_ASSIGNMENT_ONLY = GRADER_ATTACKS + RECEIPT_ATTACKS + ("lying_model",)
+# Attacks graded with the named assignments only: the cached probe, on hw6's Parts 5-8.
+ASSIGNMENT_ONLY = {"cached_probe": ("hw6_diffusion",)}
+
+
+def attacks_for(assignment: str) -> list[str]:
+    """The attacks graded with ``assignment``: all of them with the first assignment, but those of ASSIGNMENT_ONLY
+    that name other assignments; with the others, the attacks on the tests and the judge, and their own."""
+    first = assignment == ASSIGNMENTS[0]
+    return [a for a in ATTACKS if (first or a not in FIRST_ASSIGNMENT_ONLY)
+            and assignment in ASSIGNMENT_ONLY.get(a, (assignment,))]
 
 
 def _answer_imports(source) -> list[str]:

@@ -24,8 +24,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from classroom_cases import (ATTACKS, EXPECTED, FIRST_ASSIGNMENT_ONLY, GRADER_ATTACKS, JUDGE_ATTACKS, RECEIPT_ATTACKS,
-                             attack_submission, pipeline_submission)
+from classroom_cases import (EXPECTED, GRADER_ATTACKS, RECEIPT_ATTACKS, attack_submission, attacks_for,
+                             pipeline_submission)
 from dgmlib.cli import main
 from dgmlib.grading import classroom, sandbox
 from nbhelpers import ASSIGNMENTS, ROOT, SOLUTION_MARKERS, autograded_points, make_course, max_points, secret_lines
@@ -103,7 +103,7 @@ def test_grading_a_class(tmp_path, name):
     submissions = {kind: pipeline_submission(kind, release, source, spec) for kind in spec["scores"]}
     submissions["blank"] = copy.deepcopy(release)
     grader_attacks = name == ASSIGNMENTS[0]
-    attacks = [a for a in ATTACKS if grader_attacks or a not in FIRST_ASSIGNMENT_ONLY]
+    attacks = attacks_for(name)
     for attack in attacks:
         submissions[attack] = attack_submission(release, source, name, attack)
     for student, nb in submissions.items():
@@ -203,6 +203,14 @@ def test_grading_a_class(tmp_path, name):
         assert "planted: [" in _printed(course, "plant_links", name, notebook_file.name), report
         assert os.access(course / "gradebook.db", os.W_OK)
         assert any(u.startswith("test_nll (judge: exact test NLL") for u in results["lying_model"].unverified), report
+    if "cached_probe" in attacks:
+        # values cached from the visible tests, exposed by a rewritten probe: every judge was reached and said no
+        cached = results["cached_probe"]
+        assert cached.autograded_before_review == 0, report
+        assert "cached values for: [" in _printed(course, "cached_probe", name, notebook_file.name), report
+        for cell in ("test_dsm", "test_langevin", "test_vdm", "test_pf_ode"):
+            assert any(u.startswith(f"{cell} (judge: ") and "never reached" not in u for u in cached.unverified), \
+                f"{cell}: {cached.unverified}\n{report}"
     # the attacks on the judge, on every assignment: no escape, no instructor file in sight, nothing planted
     assert "escape won: []" in _printed(course, "escape", name, notebook_file.name), report
     assert "instructor files found: 0" in _printed(course, "read_solutions", name, notebook_file.name), report

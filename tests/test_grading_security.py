@@ -319,6 +319,30 @@ def test_hw4_policy_flags_the_answers_of_the_quantizer_and_the_vqvae(cell, code,
              "prior = autoregressive.GatedPixelCNN((1, 2, 2), num_levels=32)")
     assert review.review_source([("stage2", "", tools)], policy) == []
 
+@pytest.mark.parametrize("cell, code, answer", [
+    ("dsm", "def dsm_loss(score_fn, x, sigma, noise):\n    return score.denoising_score_matching_loss(score_fn, x, sigma, noise)",
+     "denoising_score_matching_loss"),
+    ("langevin", "from dgmlib.score import annealed_langevin_step", "annealed_langevin_step"),
+    ("langevin", "def annealed_langevin_step(score, x, sigma, sigma_min, epsilon, noise):\n"
+                 "    return dgmlib_score.langevin_step(score, x, epsilon * sigma ** 2 / sigma_min ** 2, noise)", "langevin_step"),
+    ("vdm", "loss = score.VDM(net, (2,), schedule='fixed').diffusion_loss(x, t)", "diffusion_loss"),
+    ("pf_ode", "velocity = score.reverse_drift(sde, score_fn, x, t, probability_flow=True)", "reverse_drift"),
+    ("pf_ode", "flow = getattr(score, 'ProbabilityFlow')", "ProbabilityFlow"),
+    ("pf_ode", "from dgmlib.score import probability_flow_log_prob as mine", "probability_flow_log_prob"),
+])
+def test_hw6_policy_flags_the_answers_of_the_score_based_parts(cell, code, answer):
+    """hw6's own policy (from its source notebook) flags a cell of Parts 5-8 that delegates to dgmlib.score's denoising
+    score matching, Langevin steps, VDM loss or probability-flow ODE, by any route."""
+    policy = review.Policy.from_notebook(
+        json.loads((ROOT / "solutions" / "hw6_diffusion" / "hw6_diffusion.ipynb").read_text()))
+    flags = review.review_source([(cell, "", "from dgmlib import score\ndgmlib_score = score\n" + code)], policy)
+    assert any("an answer" in f and answer in f for f in flags), flags
+    # the tools Parts 5-8 hand out: the VP SDE's coefficients and torchdiffeq
+    tools = ("import torchdiffeq\nfrom dgmlib.score import VPSDE\nsde = VPSDE(0.1, 20.0)\nf, g2 = sde.f_g2(t)\n"
+             "alpha, sigma = sde.alpha_sigma(t)\nout = torchdiffeq.odeint(rhs, state, times, rtol=1e-8, atol=1e-8)")
+    assert review.review_source([("pf_ode", "", tools)], policy) == []
+
+
 # ---------------------------------------------------------------- similarity (winnowing; more in test_similarity.py)
 
 

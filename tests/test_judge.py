@@ -391,3 +391,98 @@ def test_hw1_blind_spot_judge_never_fails_a_correct_model_by_bad_luck():
     finally:
         ref.GatedLayer.forward = original
     assert not passed and "every earlier pixel" in message
+
+
+def _hw6_score_parts() -> tuple[dict, dict]:
+    """hw6's Parts 5-8 (lecture 11) as the solution notebook runs them: the setup, solution and test cells, each test
+    cell's ``grading.probe`` recording what it exposes. Returns the namespace and grade_id -> exposed objects."""
+    import json
+
+    recorded: dict = {}
+    namespace = {"__name__": "hw6_score_parts", "__record__": lambda name, **exposed: recorded.__setitem__(name, exposed)}
+    cells = json.loads((ROOT / "solutions" / "hw6_diffusion" / "hw6_diffusion.ipynb").read_text())["cells"]
+    wanted = ("setup", "dsm", "test_dsm", "langevin", "test_langevin", "vdm", "test_vdm", "pf_ode", "test_pf_ode")
+    for cell in cells:
+        grade_id = cell["metadata"].get("nbgrader", {}).get("grade_id")
+        if cell["cell_type"] == "code" and grade_id in wanted:  # the visible checks run too, and must pass
+            exec(compile("".join(cell["source"]).replace("grading.probe(", "__record__("), grade_id, "exec"), namespace)
+    return namespace, recorded
+
+
+def test_hw6_score_judges_pass_the_reference_and_fail_the_classic_mistakes():
+    """hw6's judges of Parts 5-8 pass the solution's own code at several secret seeds, and fail, each with a reason
+    that names the formula, the mistakes a student makes: denoising score matching without the sigma^2 weight (or
+    with the score at the clean x), Langevin steps whose size is not scaled by sigma_i^2 / sigma_L^2, the VDM loss
+    without gamma'(t) (or with a finite-difference gamma' over the whole interval, right only for a linear gamma),
+    and the PF-ODE likelihood without its divergence integral (or with N(0, I) in place of the exact p_1)."""
+    import math
+
+    ns, probes = _hw6_score_parts()
+    judges = load_judges(ROOT / "solutions" / "hw6_diffusion" / "judge.py")
+    assert set(probes) == {"test_dsm", "test_langevin", "test_vdm", "test_pf_ode"}
+    for grade_id, exposed in probes.items():
+        for seed in (0, 1, 2):
+            assert judge_locally(judges[grade_id], exposed, seed=seed) == (True, "passed"), (grade_id, seed)
+    Field, schedule, VPSDE, pf_dynamics = ns["Field"], ns["schedule"], ns["VPSDE"], ns["pf_dynamics"]
+
+    def per_example(sigma, x):
+        return sigma.to(x).reshape((-1,) + (1,) * (x.dim() - 1))
+
+    def dsm_unweighted(score_fn, x, sigma, noise):  # 1/2 |s + eps / sigma|^2: the loss of level sigma, unweighted
+        s = per_example(sigma, x)
+        return 0.5 * (score_fn(x + s * noise, sigma) + noise / s).pow(2).flatten(1).sum(1)
+
+    def dsm_clean(score_fn, x, sigma, noise):  # the score at the clean x
+        s = per_example(sigma, x)
+        return 0.5 * (s * score_fn(x, sigma) + noise).pow(2).flatten(1).sum(1)
+
+    def langevin_unscaled(score, x, sigma, sigma_min, epsilon, noise):  # alpha = epsilon at every level
+        return x + 0.5 * epsilon * score + math.sqrt(epsilon) * noise
+
+    def vdm_no_derivative(eps_fn, gamma_fn, x, t, noise):
+        g = per_example(gamma_fn(t), x)
+        z = torch.sigmoid(-g).sqrt() * x + torch.sigmoid(g).sqrt() * noise
+        return 0.5 * (noise - eps_fn(z, gamma_fn(t))).pow(2).flatten(1).sum(1)
+
+    def vdm_secant(eps_fn, gamma_fn, x, t, noise):  # gamma(1) - gamma(0) in place of gamma'(t)
+        slope = gamma_fn(torch.ones_like(t)) - gamma_fn(torch.zeros_like(t))
+        return vdm_no_derivative(eps_fn, gamma_fn, x, t, noise) * slope
+
+    def log_prob(mu, s2, x, sde, divergence=True, exact_prior=True):
+        mu, x = mu.to(torch.float64), x.to(torch.float64)
+
+        def rhs(t, state):
+            velocity, div = pf_dynamics(mu, s2, sde, t, state[:, :-1])
+            return torch.cat([velocity, div[:, None] if divergence else torch.zeros_like(div)[:, None]], 1)
+
+        final = ns["torchdiffeq"].odeint(rhs, torch.cat([x, x.new_zeros(len(x), 1)], 1),
+                                         torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-8, atol=1e-8)[-1]
+        z, integral = final[:, :-1], final[:, -1]
+        alpha, sigma = sde.alpha_sigma(torch.ones(1, dtype=torch.float64))
+        mean, v = (alpha * mu, alpha ** 2 * s2 + sigma ** 2) if exact_prior else (0 * mu, torch.ones(1, dtype=torch.float64))
+        return -0.5 * (z - mean).pow(2).sum(1) / v - 0.5 * x.shape[1] * torch.log(2 * math.pi * v) + integral
+
+    wrong = [
+        ("test_dsm", {"dsm_loss_of": lambda spec, x, sigma, noise: dsm_unweighted(Field(**spec), x, sigma, noise)},
+         "1/2 |sigma s(x + sigma eps, sigma) + eps|^2"),
+        ("test_dsm", {"dsm_loss_of": lambda spec, x, sigma, noise: dsm_clean(Field(**spec), x, sigma, noise)},
+         "1/2 |sigma s(x + sigma eps, sigma) + eps|^2"),
+        ("test_langevin", {"annealed_langevin_step": langevin_unscaled}, "alpha_i = epsilon sigma_i^2 / sigma_L^2"),
+        ("test_vdm", {"vdm_loss_of": lambda e, g, x, t, noise: vdm_no_derivative(Field(**e), schedule(g), x, t, noise)},
+         "1/2 gamma'(t)"),
+        ("test_vdm", {"vdm_loss_of": lambda e, g, x, t, noise: vdm_secant(Field(**e), schedule(g), x, t, noise)},
+         "1/2 gamma'(t)"),
+        ("test_pf_ode", {**probes["test_pf_ode"], "pf_ode_log_prob_of":
+                         lambda mu, s2, x, betas: log_prob(mu, s2, x, VPSDE(*betas), divergence=False)},
+         "log p_0(x) from the probability-flow ODE"),
+        ("test_pf_ode", {**probes["test_pf_ode"], "pf_ode_log_prob_of":
+                         lambda mu, s2, x, betas: log_prob(mu, s2, x, VPSDE(*betas), exact_prior=False)},
+         "log p_0(x) from the probability-flow ODE"),
+        ("test_pf_ode", {**probes["test_pf_ode"], "pf_dynamics_of":  # the divergence left out of the dynamics
+                         lambda mu, s2, betas, t, x: (pf_dynamics(mu, s2, VPSDE(*betas), t, x)[0], torch.zeros(len(x)))},
+         "the divergence of the velocity"),
+    ]
+    for grade_id, exposed, reason in wrong:
+        for seed in (0, 1, 2):
+            passed, message = judge_locally(judges[grade_id], exposed, seed=seed)
+            assert not passed and reason in message, (grade_id, seed, message)

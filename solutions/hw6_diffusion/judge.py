@@ -9,6 +9,12 @@ sends: ``NoiseSchedule(betas)``, and ``make_net(spec)`` (a ``TimeMLP`` or ``UNet
 or a ``TableNet`` ``eps(x_t, t) = scale[t - 1] x_t + shift[t - 1]``). Randomness is passed in explicitly: the
 judge sends every noise tensor, so the student's outputs are deterministic and recomputed here.
 
+Parts 5-8 (lecture 11) need no training: the judges send random score and noise models (a ``Field`` with the
+judge's parameters, built in the kernel by the test cell), schedules gamma(t) described by their kind and parameters,
+VP SDEs by their betas, and every noise tensor, and compare with ``dgmlib.score`` (``denoising_score_matching_loss``,
+``annealed_langevin_step``, ``VDM.diffusion_loss``, ``reverse_drift``) and with the exact Gaussian log density that the
+probability-flow ODE must reproduce.
+
 The trained models are measured here: their ``state_dict()`` is loaded strictly into the architecture the
 instructions fix (``TimeMLP(2, 128, 3)``, ``UNet(1, base=BASE)``, with ``NoiseSchedule.linear(T)``), and the
 samples (sliced W2 to the test points) and L_simple on the test digits are computed with dgmlib, on data loaded
@@ -28,8 +34,9 @@ from pathlib import Path
 import torch
 
 from dgmlib import data, diffusion
+from dgmlib import score as score_lib
 from dgmlib.diffusion import NoiseSchedule
-from dgmlib.grading.judge import secret_int as _int, secret_seed as _seed
+from dgmlib.grading.judge import secret_float as _uniform, secret_int as _int, secret_seed as _seed
 from dgmlib.grading.judge import (JudgeFailure, as_tensor, expect, expect_close, expect_le, expect_shape, judge,
                                   randomise, solution_cells)
 
@@ -378,3 +385,224 @@ def digits(k, rng):
     expect(test_loss >= val_loss - 0.05, f"L_simple on the test digits ({test_loss:.3f}) lies far below that on the "
                                          f"validation digits ({val_loss:.3f}): train on images.train only")
     expect(math.isfinite(test_loss), "a finite L_simple")
+
+
+# ------------------------------------------------------------------ Parts 5-8: lecture 11, no training
+#
+# The reference is dgmlib.score (the full library, here): denoising_score_matching_loss, annealed_langevin_step,
+# VDM.diffusion_loss (with the judge's schedule and its exact derivative) and reverse_drift (the probability-flow
+# velocity); the PF-ODE's log-likelihood is compared with the exact Gaussian log density. A score or noise model
+# and a schedule cannot cross the wire: the test cells build them in the kernel from the judge's description, a
+# ``Field`` (the same class as below) and ``schedule(spec)``; the SDE from its (beta_min, beta_max).
+
+
+class Field(torch.nn.Module):
+    """The test cells' ``Field``: f(x, s) = a tanh(x W^T + s c + b) + d x on the flattened x (B, D), s (B,)."""
+
+    def __init__(self, W, b, c, a, d) -> None:
+        super().__init__()
+        self.W, self.b, self.c, self.a, self.d = W, b, c, a, d
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        h = torch.tanh(flat @ self.W.T.to(flat) + s.to(flat)[:, None] * self.c.to(flat) + self.b.to(flat))
+        return (self.a * h + self.d * flat).reshape(x.shape)
+
+
+def _field(rng: torch.Generator, dim: int) -> tuple[dict, Field]:
+    """A random field on D = dim flattened dimensions, and its description for the kernel's ``Field(**spec)``."""
+    spec = {"W": _randn(rng, dim, dim) / math.sqrt(dim), "b": 0.3 * _randn(rng, dim), "c": _randn(rng, dim),
+            "a": _uniform(rng, 0.5, 2.0) * (1 if _int(rng, 0, 1) else -1), "d": _uniform(rng, -1.0, 1.0)}
+    return spec, Field(**spec)
+
+
+def _log_uniform(rng: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
+    u = torch.rand(tuple(shape), generator=rng, dtype=F64)
+    return torch.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
+
+
+@judge("test_dsm")
+def dsm(k, rng):
+    """Against dgmlib.score.denoising_score_matching_loss with random nonlinear score models (which see sigma), noise
+    levels over three orders of magnitude (one per example), 2D points and images of several shapes, float64 and
+    float32."""
+    for event in ((2,), (_int(rng, 3, 6),), (1, 4, 4), (2, 3, _int(rng, 2, 5))):
+        dim = math.prod(event)
+        for dtype in (F64, torch.float32):
+            B = _int(rng, 3, 8)
+            spec, field = _field(rng, dim)
+            x, noise = _randn(rng, B, *event), _randn(rng, B, *event)
+            sigma = _log_uniform(rng, 0.01, 10.0, B)
+            out = k.dsm_loss_of(spec, x.to(dtype), sigma.to(dtype), noise.to(dtype))
+            out = expect_shape(out, (B,), f"dsm_loss is per example, (B,) (x of shape {(B, *event)})")
+            with torch.no_grad():
+                expected = score_lib.denoising_score_matching_loss(field, x.to(dtype).to(F64), sigma.to(dtype).to(F64),
+                                                                   noise.to(dtype).to(F64))
+            tol = dict(atol=1e-9, rtol=1e-7) if dtype == F64 else dict(atol=1e-4, rtol=1e-4)
+            expect_close(out, expected, **tol, msg=f"the loss 1/2 |sigma s(x + sigma eps, sigma) + eps|^2, summed over "
+                                                   f"the non-batch dimensions (x of shape {(B, *event)}, {dtype})")
+
+
+def _gaussian_score(mean: torch.Tensor, var: float):
+    """The score of N(mean, (var + sigma^2) I) at level sigma: the data N(mean, var I) smoothed by the noise."""
+    return lambda x, sigma: -(x - mean) / (var + sigma ** 2)
+
+
+@judge("test_langevin")
+def langevin(k, rng):
+    """Against dgmlib.score.annealed_langevin_step at levels sigma_i from sigma_L to 100 sigma_L (and at sigma_L), base
+    step sizes from 1e-6 to 1e-2, batches of points and images, float64 and float32; then a whole annealed chain of
+    the student's steps (8 levels, 25 steps each, with the exact score of Gaussian data and the judge's noise) against
+    the reference's chain."""
+    for event in ((2,), (_int(rng, 1, 5),), (1, 4, 4)):
+        for dtype in (F64, torch.float32):
+            B = _int(rng, 2, 7)
+            sigma_min = float(_log_uniform(rng, 0.005, 0.2))
+            for sigma in (sigma_min, sigma_min * float(_log_uniform(rng, 1.0, 100.0))):
+                epsilon = float(_log_uniform(rng, 1e-6, 1e-2))
+                x, score, noise = (_randn(rng, B, *event).to(dtype) for _ in range(3))
+                out = k.annealed_langevin_step(score, x, sigma, sigma_min, epsilon, noise)
+                expected = score_lib.annealed_langevin_step(score.to(F64), x.to(F64), sigma, sigma_min, epsilon,
+                                                            noise.to(F64))
+                tol = dict(atol=1e-9, rtol=1e-8) if dtype == F64 else dict(atol=1e-5, rtol=1e-5)
+                expect_close(out, expected, **tol,
+                             msg=f"x + alpha_i / 2 score + sqrt(alpha_i) noise, alpha_i = epsilon sigma_i^2 / sigma_L^2 "
+                                 f"(sigma_i = {sigma:.3g}, sigma_L = {sigma_min:.3g}, epsilon = {epsilon:.2g}, {dtype})")
+    # a whole chain through the student's steps, from the judge's start and noise
+    D, B = _int(rng, 1, 3), 400
+    mean, var = _randn(rng, D), _uniform(rng, 0.2, 2.0)
+    sigmas = score_lib.geometric_sigmas(_uniform(rng, 1.0, 3.0), _uniform(rng, 0.01, 0.05), 8).tolist()
+    epsilon = float(_log_uniform(rng, 1e-5, 1e-4))
+    score = _gaussian_score(mean, var)
+    x = mine = 3 * _randn(rng, B, D)
+    for sigma in sigmas:
+        for _ in range(25):
+            noise = _randn(rng, B, D)
+            mine = as_tensor(k.annealed_langevin_step(score(mine, sigma), mine, sigma, sigmas[-1], epsilon, noise),
+                             "annealed_langevin_step's x").to(F64)
+            x = score_lib.annealed_langevin_step(score(x, sigma), x, sigma, sigmas[-1], epsilon, noise)
+    expect_close(mine, x, atol=1e-7, rtol=1e-6, msg="8 levels of 25 annealed Langevin steps of yours, from the judge's "
+                                                   "start and noise, with the exact score of Gaussian data")
+
+
+def _schedule_spec(rng: torch.Generator, kind: str) -> dict:
+    """A monotone gamma: linear, g0 + (g1 - g0) expm1(k t) / expm1(k), or g0 + (g1 - g0) (t + a sin(2 pi t) / 2 pi)."""
+    g0 = _uniform(rng, -14.0, -4.0)
+    spec = {"kind": kind, "g0": g0, "g1": g0 + _uniform(rng, 6.0, 20.0)}
+    if kind == "exp":
+        spec["k"] = _uniform(rng, 0.5, 4.0) * (1 if _int(rng, 0, 1) else -1)
+    elif kind == "sine":
+        spec["a"] = _uniform(rng, -0.9, 0.9)
+    return spec
+
+
+class _Gamma(torch.nn.Module):
+    """The judge's schedule for dgmlib's VDM: gamma(t) and its exact derivative, in closed form."""
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.gamma_and_derivative(t)[0]
+
+    def gamma_and_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        g0, span = s["g0"], s["g1"] - s["g0"]
+        if s["kind"] == "linear":
+            return g0 + span * t, torch.full_like(t, span)
+        if s["kind"] == "exp":
+            return g0 + span * torch.expm1(s["k"] * t) / math.expm1(s["k"]), span * s["k"] * torch.exp(s["k"] * t) / math.expm1(s["k"])
+        two_pi = 2 * math.pi
+        return g0 + span * (t + s["a"] * torch.sin(two_pi * t) / two_pi), span * (1 + s["a"] * torch.cos(two_pi * t))
+
+
+class _EpsNet(torch.nn.Module):
+    """The field as dgmlib's VDM calls its network: ``net(z, 1000 (gamma - lo) / (hi - lo))`` gives gamma back."""
+
+    def __init__(self, field: Field, lo: float, hi: float) -> None:
+        super().__init__()
+        self.field, self.lo, self.hi = field, lo, hi
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.field(z, self.lo + c * (self.hi - self.lo) / 1000.0)
+
+
+def _vdm_loss(field: Field, spec: dict, x: torch.Tensor, t: torch.Tensor, seed: int) -> torch.Tensor:
+    """dgmlib.score.VDM.diffusion_loss with the judge's field and schedule, its noise drawn from ``seed``."""
+    vdm = score_lib.VDM(_EpsNet(field, -13.3, 5.0), x.shape[1:], None, schedule="fixed", gamma_min=-13.3,
+                        gamma_max=5.0)
+    vdm.gamma = _Gamma(spec)
+    with torch.no_grad():
+        return vdm.diffusion_loss(x, t, generator=torch.Generator().manual_seed(seed))
+
+
+@judge("test_vdm")
+def vdm(k, rng):
+    """Against dgmlib.score.VDM.diffusion_loss (the judge's schedule with its exact derivative, the student's gamma'
+    by autograd) for linear, exponential and sine-modulated monotone schedules with random endpoints, random noise
+    models that see gamma_t, times in [0, 1] (0 and 1 among them), 2D points and images, float64 and float32."""
+    cases = [("linear", (2,)), ("exp", (_int(rng, 2, 5),)), ("sine", (1, 4, 4)), ("exp", (2, 3, 3)), ("sine", (3,))]
+    for kind, event in cases:
+        for dtype in (F64, torch.float32):
+            B = _int(rng, 3, 8)
+            spec = _schedule_spec(rng, kind)
+            eps_spec, field = _field(rng, math.prod(event))
+            eps_spec["c"] = eps_spec["c"] / 5  # gamma ranges over tens: keep the field's tanh out of saturation
+            field.c = eps_spec["c"]
+            x = _randn(rng, B, *event)
+            t = torch.rand(B, generator=rng, dtype=F64)
+            t[0], t[-1] = 0.0, 1.0
+            seed = _seed(rng)
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+            # dgmlib draws the same noise from the seed (float64); the student gets it in the test's dtype
+            expected = _vdm_loss(field, spec, x.to(dtype).to(F64), t.to(dtype).to(F64), seed)
+            out = expect_shape(k.vdm_loss_of(eps_spec, spec, x.to(dtype), t.to(dtype), noise.to(dtype)), (B,),
+                               f"vdm_diffusion_loss is per example, (B,) (x of shape {(B, *event)})")
+            tol = dict(atol=1e-8, rtol=1e-7) if dtype == F64 else dict(atol=1e-3, rtol=1e-4)
+            expect_close(out, expected, **tol,
+                         msg=f"1/2 gamma'(t) |eps - eps_hat(z_t, gamma_t)|^2 with gamma' by autograd, z_t = "
+                             f"sqrt(sigmoid(-gamma_t)) x + sqrt(sigmoid(gamma_t)) eps ({kind} gamma, x of shape "
+                             f"{(B, *event)}, {dtype})")
+
+
+def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor | float) -> torch.Tensor:
+    """log N(x; mean, var I) per row of x (B, D)."""
+    var = torch.as_tensor(var, dtype=F64)
+    return -0.5 * (x - mean).pow(2).sum(1) / var - 0.5 * x.shape[1] * torch.log(2 * math.pi * var)
+
+
+@judge("test_pf_ode")
+def pf_ode(k, rng):
+    """For Gaussian data N(mu, s^2 I) (D from 1 to 5, s^2 well below or above 1, so that the divergence matters) under
+    VP SDEs of the judge's betas: the velocity against dgmlib.score.reverse_drift(probability_flow=True) with the
+    exact score of p_t and its divergence against autograd's trace of the same, at t = 0, 1 and between; then the
+    log-likelihood from the student's ODE against the exact log N(x; mu, s^2 I), at points near and far from mu."""
+    for D in (1, 2, _int(rng, 3, 5)):
+        mu = 1.5 * _randn(rng, D)
+        s2 = _uniform(rng, 0.05, 0.5) if _int(rng, 0, 1) else _uniform(rng, 2.0, 4.0)
+        betas = [_uniform(rng, 0.05, 0.5), _uniform(rng, 3.0, 12.0)]
+        sde = score_lib.VPSDE(*betas)
+
+        def exact_score(x, t):
+            alpha, sigma = sde.alpha_sigma(t)
+            return -(x - alpha[:, None] * mu) / (alpha ** 2 * s2 + sigma ** 2)[:, None]
+
+        B = _int(rng, 3, 7)
+        for t in (0.0, _uniform(rng, 0.0, 1.0), 1.0):
+            x = mu + 2 * _randn(rng, B, D)
+            out = k.pf_dynamics_of(mu, s2, betas, torch.tensor(t, dtype=F64), x)
+            expect(isinstance(out, (tuple, list)) and len(out) == 2, "pf_dynamics returns the pair (velocity, divergence)")
+            times = torch.full((B,), t, dtype=F64)
+            xg = x.clone().requires_grad_(True)
+            velocity = score_lib.reverse_drift(sde, exact_score, xg, times, probability_flow=True)
+            divergence = sum(torch.autograd.grad(velocity[:, i].sum(), xg, retain_graph=True)[0][:, i] for i in range(D))
+            expect_close(out[0], velocity.detach(), atol=1e-9, rtol=1e-7,
+                         msg=f"the velocity f(t) x - g(t)^2 / 2 score(x, t) with the exact score of p_t (t = {t:.3f}, D = {D})")
+            expect_close(expect_shape(out[1], (B,), "the divergence is (B,)"), divergence, atol=1e-9, rtol=1e-7,
+                         msg=f"the divergence of the velocity (t = {t:.3f}, D = {D})")
+        x = torch.cat([mu + math.sqrt(s2) * _randn(rng, B, D), mu + 3 * _randn(rng, 2, D)])
+        log_p = expect_shape(k.pf_ode_log_prob_of(mu, s2, x, betas), (B + 2,), "pf_ode_log_prob is (B,)")
+        expect_close(log_p, _gaussian_log_density(x, mu, s2), atol=2e-4, rtol=1e-5,
+                     msg=f"log p_0(x) from the probability-flow ODE against the exact log N(x; mu, s^2 I) (D = {D}, "
+                         f"s^2 = {s2:.3g}, betas {betas[0]:.3g} to {betas[1]:.3g})")
