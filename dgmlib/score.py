@@ -320,6 +320,7 @@ def annealed_langevin_step(score: Tensor, x: Tensor, sigma: float, sigma_min: fl
     return langevin_step(score, x, epsilon * sigma ** 2 / sigma_min ** 2, noise)
 
 
+@torch.no_grad()
 def annealed_langevin_sample(score_fn: ScoreFn, x: Tensor, sigmas: Tensor, epsilon: float = 2e-5,
                              steps_per_level: int = 100, denoise: bool = True,
                              generator: torch.Generator | None = None) -> Tensor:
@@ -332,7 +333,7 @@ def annealed_langevin_sample(score_fn: ScoreFn, x: Tensor, sigmas: Tensor, epsil
     Raises:
         ValueError: for bad ``sigmas`` (not decreasing and positive) or step counts.
     """
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64, device=sigmas.device if isinstance(sigmas, Tensor) else "cpu")
+    sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)  # a few numbers, read on the host
     if sigmas.dim() != 1 or len(sigmas) < 1 or (sigmas <= 0).any() or (sigmas[1:] >= sigmas[:-1]).any():
         raise ValueError("sigmas must be a 1-D tensor of positive, strictly decreasing noise levels")
     if not isinstance(steps_per_level, int) or steps_per_level < 1:
@@ -542,6 +543,7 @@ def _final_denoise(sde: SDE, score_fn: ScoreFn, x: Tensor) -> Tensor:
     return tweedie_denoise(x, score_fn(x, t), alpha.to(x.dtype), sigma.to(x.dtype))
 
 
+@torch.no_grad()
 def euler_maruyama_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, num_steps: int = 1000, denoise: bool = True,
                           generator: torch.Generator | None = None) -> Tensor:
     r"""Integrate the reverse SDE from t = 1 to ``sde.t_min`` by Euler–Maruyama (Song et al. 2021, App. D.1):
@@ -564,13 +566,14 @@ def euler_maruyama_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, num_steps: int
     return _final_denoise(sde, score_fn, x) if denoise else x
 
 
+@torch.no_grad()
 def predictor_corrector_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, num_steps: int = 1000,
                                corrector_steps: int = 1, snr: float = 0.16, denoise: bool = True,
                                generator: torch.Generator | None = None) -> Tensor:
     r"""Predictor–corrector sampling (Song et al. 2021, Algorithm 1 with Algorithms 4-5): each reverse
     Euler–Maruyama step (the predictor) is followed by ``corrector_steps`` Langevin steps at the new
     time (the corrector), with the step size set by the target signal-to-noise ratio ``snr``:
-    ε = 2 α (snr ‖z‖ / ‖s‖)², x ← x + ε s + √(2ε) z, where α = α(t')² / α(t)² of the step (1 for VE)
+    ε = 2 α (snr ‖z‖ / ‖s‖)², x ← x + ε s + √(2ε) z, where α = α(t)² / α(t')² = 1 - β_i of the step (1 for VE)
     and the norms are averaged over the batch.
 
     ``x`` ``(B, ...)`` from the prior; returns ``(B, ...)``.
@@ -588,7 +591,7 @@ def predictor_corrector_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, num_steps
         _, g2 = sde.f_g2(t)
         noise = randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         x = x - reverse_drift(sde, score_fn, x, t) * dt + _bcast(g2.sqrt().to(x.dtype), x) * math.sqrt(dt) * noise
-        ratio = (sde.alpha_sigma(t_next)[0] / sde.alpha_sigma(t)[0]) ** 2  # (B,): α_i of Algorithm 5
+        ratio = (sde.alpha_sigma(t)[0] / sde.alpha_sigma(t_next)[0]) ** 2  # (B,): α_i = 1 - β_i of Algorithm 5
         for _ in range(corrector_steps):
             score = score_fn(x, t_next)
             z = randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -616,6 +619,7 @@ class ProbabilityFlow(nn.Module):
         return v.reshape(len(z), -1)  # (B, D)
 
 
+@torch.no_grad()
 def probability_flow_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, rtol: float = 1e-5, atol: float = 1e-5,
                             method: str = "dopri5", denoise: bool = False) -> tuple[Tensor, int]:
     """Integrate the probability-flow ODE from t = 1 to ``t_min`` with torchdiffeq's ``method``.
@@ -706,11 +710,12 @@ class NCSN(nn.Module):
     def __init__(self, net: nn.Module, sigmas: Tensor, event_shape: Sequence[int], num_levels: int | None = None,
                  epsilon: float = 2e-5, steps_per_level: int = 100) -> None:
         super().__init__()
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
         if sigmas.dim() != 1 or len(sigmas) < 2 or (sigmas <= 0).any() or (sigmas[1:] >= sigmas[:-1]).any():
             raise ValueError("sigmas must be positive and strictly decreasing, at least 2 levels")
         self.net = net
-        self.register_buffer("sigmas", sigmas)
+        self.sigma_values = tuple(sigmas.tolist())  # float64 on the host, for the sampler (no device reads)
+        self.register_buffer("sigmas", sigmas.float())  # cast at use; float32 so that MPS can hold it
         self.event_shape, self.num_levels = tuple(event_shape), num_levels
         self.epsilon, self.steps_per_level = epsilon, steps_per_level
 
@@ -735,7 +740,7 @@ class NCSN(nn.Module):
             raise ValueError(f"n must be a positive integer, got {n!r}")
         device, dtype = module_device(self), module_dtype(self)
         x = rand((n, *self.event_shape), device=device, dtype=dtype, generator=generator) * 2 - 1
-        return annealed_langevin_sample(self.score, x, self.sigmas, self.epsilon,
+        return annealed_langevin_sample(self.score, x, self.sigma_values, self.epsilon,
                                         steps_per_level or self.steps_per_level, generator=generator)
 
 
@@ -772,6 +777,8 @@ class ScoreSDE(nn.Module):
             raise ValueError(f"weighting must be one of {', '.join(self.WEIGHTINGS)}, got {weighting!r}")
         self.weighting = weighting
         self.net, self.sde = net, sde
+        ends = self.log_snr(torch.tensor([sde.t_min, 1.0], dtype=torch.float64))  # constants, on the host
+        self._log_snr_ends = (float(ends[0]), float(ends[1]))
         self.event_shape, self.num_levels, self.dequantize = tuple(event_shape), num_levels, dequantize
         self.sample_steps = sample_steps
         self.last_nfe = 0
@@ -816,9 +823,9 @@ class ScoreSDE(nn.Module):
         u = torch.rand(len(x), device=x.device, dtype=x.dtype)
         weight = 0.5
         if self.weighting == "likelihood":
-            ends = self.log_snr(torch.tensor([self.sde.t_min, 1.0], device=x.device, dtype=torch.float64))
-            t = self.log_snr_inverse((ends[0] + u.double() * (ends[1] - ends[0]))).to(x.dtype)
-            weight = 0.5 * float(ends[1] - ends[0])
+            lo, hi = self._log_snr_ends
+            t = self.log_snr_inverse(lo + u * (hi - lo))
+            weight = 0.5 * (hi - lo)
         else:
             t = u * (1 - self.sde.t_min) + self.sde.t_min
         noise = torch.randn_like(x)
@@ -835,8 +842,15 @@ class ScoreSDE(nn.Module):
         return log_p
 
     def nll(self, batch: Tensor, trace: str | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """-log p(x) in nats ``(B,)``; for images of levels, the dequantization bound on -log P(y)
-        (one uniform draw per image, the bin volume h^D accounted)."""
+        """-log p(x) in nats ``(B,)``; for images of levels, the dequantization bound on -log P(y) per image
+        (Theis et al. 2016; one uniform draw per image, the bin volume h^D accounted).
+
+        Raises:
+            ValueError: for images when the model was built with ``dequantize=False`` (a density at the
+                grid points bounds nothing about P(y)).
+        """
+        if self.num_levels is not None and not self.dequantize:
+            raise ValueError("nll of discrete images needs dequantize=True: the density at grid points is no bound")
         nll = -self.log_prob(batch, trace, generator)
         if self.num_levels is not None and self.dequantize:
             nll = nll - math.prod(self.event_shape) * math.log(self._bin_width())
@@ -877,6 +891,8 @@ def fourier_features(z: Tensor, exponents: Sequence[int] = (4, 5, 6)) -> Tensor:
     is what the likelihood depends on there. For K = 17 levels in [-1, 1] the bins are 1/8 wide, so
     n = 4 already resolves the position within a bin (16π z changes by 2π across one).
     """
+    if len(exponents) == 0:
+        raise ValueError("fourier_features needs at least one exponent")
     feats = [f(2.0 ** n * math.pi * z) for n in exponents for f in (torch.sin, torch.cos)]
     return torch.cat(feats, dim=1)
 
@@ -953,6 +969,12 @@ class MonotoneGamma(nn.Module):
         h = self.l1(t[:, None])  # (B, 1)
         return (h + self.l3(torch.sigmoid(self.l2(h))))[:, 0]
 
+    def _tilde_derivative(self, t: Tensor) -> Tensor:
+        """dγ̃/dt in closed form, ``(B,)``: w_1 (1 + Σ_j W3_j φ'(a_j) W2_j) with a = l_2(l_1(t)), φ' = φ(1 - φ)."""
+        w1, w2, w3 = (F.softplus(layer.raw) for layer in (self.l1, self.l2, self.l3))  # (1, 1), (H, 1), (1, H)
+        phi = torch.sigmoid(self.l2(self.l1(t[:, None])))  # (B, H)
+        return w1[0, 0] * (1 + (phi * (1 - phi) * w2[:, 0] * w3[0]).sum(1))
+
     def shape(self, t: Tensor) -> Tensor:
         """γ̂(t) ∈ [0, 1], increasing, ``(B,) -> (B,)``."""
         ends = self._tilde(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
@@ -963,14 +985,11 @@ class MonotoneGamma(nn.Module):
         return self.gamma_and_derivative(t, need_derivative=False)[0]
 
     def gamma_and_derivative(self, t: Tensor, need_derivative: bool = True) -> tuple[Tensor, Tensor | None]:
-        """γ(t) and dγ/dt (by autograd on t), each ``(B,)``; the derivative is None if not asked for."""
-        outer = torch.is_grad_enabled()
-        with torch.enable_grad():
-            t = t.detach().requires_grad_(True)
-            shape = self.shape(t)
-            derivative = torch.autograd.grad(shape.sum(), t, create_graph=outer)[0] if need_derivative else None
-        if not outer:
-            shape = shape.detach()
+        """γ(t) and dγ/dt (the network's derivative in closed form, so it works under ``no_grad`` and
+        ``inference_mode``), each ``(B,)``; the derivative is None if not asked for."""
+        ends = self._tilde(torch.stack([t.new_zeros(()), t.new_ones(())]))
+        shape = (self._tilde(t) - ends[0]) / (ends[1] - ends[0])
+        derivative = self._tilde_derivative(t) / (ends[1] - ends[0]) if need_derivative else None
         if self.variance_holder is not None:
             shape = _ScaleGradient.apply(shape, self.variance_holder)
             derivative = _ScaleGradient.apply(derivative, self.variance_holder) if derivative is not None else None

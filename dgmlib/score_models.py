@@ -145,7 +145,7 @@ def _score_sde_report(model: score.ScoreSDE, data: Data, seed: int) -> dict:
     metrics.update(test_nll_nats=metrics["ode_nll_nats"], test_nll_se_nats=metrics["ode_nll_se_nats"])
     if images:
         metrics.update(nll_method="dequantization bound (probability-flow ODE)",
-                       likelihood=f"E_u[-log p_ODE(x + u)] - D log h on {len(test)} test images: the probability-flow "
+                       likelihood=f"E_u[-log p_ODE(x + u)] - D log h in nats per image on {len(test)} test images: the probability-flow "
                                   "ODE's density (dopri5, rtol = atol = 1e-5, Hutchinson trace, one Rademacher draw) "
                                   "of uniformly dequantized data (bins of width h = 2/(K-1)), one draw per image")
     else:
@@ -190,7 +190,7 @@ def _vdm_report(model: score.VDM, data: Data, seed: int) -> dict:
             bound_reconstruction_nats=terms["reconstruction"].mean().item(),
             discrete_bound_nats=discrete.mean().item(), discrete_steps=1000,
             nll_method="variational bound (continuous time)",
-            likelihood=f"VDM's continuous-time bound on -log P(y): KL(q(z_1|x) || N(0, I)) + L_inf + (-log p(y | z_0)) "
+            likelihood=f"VDM's continuous-time bound on -log P(y) in nats per image: KL(q(z_1|x) || N(0, I)) + L_inf + (-log p(y | z_0)) "
                        f"with the discrete decoder over the K levels; L_inf estimated with {draws} draws of (t, eps) "
                        f"per image (antithetic t), on {len(test)} test images; no dequantization term")
     else:

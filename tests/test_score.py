@@ -661,3 +661,31 @@ def test_lecture_mechanism_cells_compute_what_dgmlib_computes():
         got = ns["vdm_diffusion_loss"](model.eps, model.gamma, x, t, eps)
         want = model.diffusion_loss(x, t, generator=torch.Generator().manual_seed(5))
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_predictor_corrector_step_size_uses_one_minus_beta():
+    """Algorithm 5's corrector step is ε = 2 α_i (r ‖z‖ / ‖s‖)² with α_i = 1 - β_i = α(t)² / α(t')² < 1 for a
+    step from t down to t'; one predictor and one corrector step replayed by hand with the same draws."""
+    sde, snr = score.VPSDE(), 0.16
+    x = torch.ones(4, 2, dtype=DT)
+    const = torch.tensor([0.3, -0.2], dtype=DT)
+
+    def score_fn(y, t):
+        return const.expand_as(y)
+
+    got = score.predictor_corrector_sample(sde, score_fn, x, 2, snr=snr, denoise=False,
+                                           generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    times = torch.linspace(1.0, sde.t_min, 3, dtype=DT)
+    y = x
+    for i in range(2):
+        t, t_next = times[i].expand(4), times[i + 1].expand(4)
+        dt = float(times[i] - times[i + 1])
+        f, g2 = sde.f_g2(t)
+        y = y - (f[:, None] * y - g2[:, None] * const) * dt + (g2 * dt).sqrt()[:, None] * torch.randn(y.shape, generator=g, dtype=DT)
+        alpha_i = (sde.alpha_sigma(t)[0] / sde.alpha_sigma(t_next)[0]) ** 2
+        assert (alpha_i < 1).all()
+        z = torch.randn(y.shape, generator=g, dtype=DT)
+        step = 2 * alpha_i * (snr * z.norm(dim=1).mean() / const.norm()) ** 2
+        y = y + step[:, None] * const + (2 * step).sqrt()[:, None] * z
+    torch.testing.assert_close(got, y, rtol=1e-12, atol=1e-12)
