@@ -689,3 +689,23 @@ def test_predictor_corrector_step_size_uses_one_minus_beta():
         step = 2 * alpha_i * (snr * z.norm(dim=1).mean() / const.norm()) ** 2
         y = y + step[:, None] * const + (2 * step).sqrt()[:, None] * z
     torch.testing.assert_close(got, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", score.SDES)
+def test_likelihood_weighting_samples_t_uniformly_in_log_snr(name):
+    """ScoreSDE(weighting="likelihood"): γ(t) = log(σ²/α²) is inverted by bisection, and with a network that
+    predicts ε̂ = 0 the loss ½ (γ(1) - γ(t_min)) ‖ε‖² has mean ½ (γ(1) - γ(t_min)) D, the weight g²/σ² = γ'(t)
+    integrated over [t_min, 1] (Song, Durkan et al. 2021)."""
+    class Zero(nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    model = score.ScoreSDE(Zero(), score.make_sde(name), (2,), weighting="likelihood").double()
+    gamma = torch.linspace(model._log_snr_ends[0] + 0.01, model._log_snr_ends[1] - 0.01, 101, dtype=DT)
+    torch.testing.assert_close(model.log_snr(model.log_snr_inverse(gamma)), gamma, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    loss = model.training_loss(torch.randn(20_000, 2, dtype=DT))
+    expected = 0.5 * (model._log_snr_ends[1] - model._log_snr_ends[0]) * 2
+    assert abs(loss.mean().item() - expected) < 5 * loss.std().item() / math.sqrt(len(loss))
+    with pytest.raises(ValueError, match="weighting"):
+        score.ScoreSDE(Zero(), score.make_sde(name), (2,), weighting="uniform")
