@@ -263,5 +263,5 @@ register("vdm", ModelSpec(
                  if "bound_prior_nats" in r else ""),
              Column("T = 1000 bound (nats)", number("discrete_bound_nats", 1)),
              Column("γ_0, γ_1", lambda r: f"{r['gamma_0']:.1f}, {r['gamma_1']:.1f}" if "gamma_0" in r else ""))
-    + _distance_columns(("ancestral", "ode")),
+    + _ODE_COLUMNS[:1] + _ODE_COLUMNS[2:] + _distance_columns(("ancestral", "ode")),
 ))
