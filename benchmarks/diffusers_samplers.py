@@ -25,7 +25,7 @@ the same seed (the same x_T and, where both draw noise in the same order, the sa
 * Predictor–corrector (one Langevin corrector step per step, snr 0.16 for images and 0.05 for 2D, as
   `ScoreSDE.sample`): diffusers has no VP predictor–corrector; the peer is composed from its parts,
   `ScoreSdeVeScheduler.step_correct` (the Langevin corrector, SDE-agnostic, batch-averaged norms, without the
-  α_i = α(t')²/α(t)² factor of Song et al.'s VP Algorithm 5) followed by `ScoreSdeVpScheduler.step_pred` at
+  α_i = α(t)²/α(t')² = 1 - β_i factor of Song et al.'s VP Algorithm 5) followed by `ScoreSdeVpScheduler.step_pred` at
   each timestep, the order of diffusers' `ScoreSdeVePipeline` (ours: predictor, then corrector at the next time).
 
     pip install -e ".[bench]"
