@@ -300,7 +300,7 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> Ten
     """
     if not (sigma_max > sigma_min > 0) or not isinstance(num_levels, int) or num_levels < 2:
         raise ValueError(f"need sigma_max > sigma_min > 0 and num_levels >= 2, got {sigma_max}, {sigma_min}, {num_levels}")
-    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_levels, dtype=torch.float64)
+    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_levels, dtype=torch.float64, device="cpu")
 
 
 def annealed_langevin_step(score: Tensor, x: Tensor, sigma: float, sigma_min: float, epsilon: float,
@@ -333,7 +333,9 @@ def annealed_langevin_sample(score_fn: ScoreFn, x: Tensor, sigmas: Tensor, epsil
     Raises:
         ValueError: for bad ``sigmas`` (not decreasing and positive) or step counts.
     """
-    sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)  # a few numbers, read on the host
+    # a few numbers, read on the host (never on the default device, which may be a GPU or meta)
+    sigmas = (sigmas.detach().to("cpu", torch.float64) if isinstance(sigmas, Tensor)
+              else torch.tensor(list(sigmas), dtype=torch.float64, device="cpu"))
     if sigmas.dim() != 1 or len(sigmas) < 1 or (sigmas <= 0).any() or (sigmas[1:] >= sigmas[:-1]).any():
         raise ValueError("sigmas must be a 1-D tensor of positive, strictly decreasing noise levels")
     if not isinstance(steps_per_level, int) or steps_per_level < 1:
@@ -710,7 +712,8 @@ class NCSN(nn.Module):
     def __init__(self, net: nn.Module, sigmas: Tensor, event_shape: Sequence[int], num_levels: int | None = None,
                  epsilon: float = 2e-5, steps_per_level: int = 100) -> None:
         super().__init__()
-        sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+        sigmas = (sigmas.detach().to("cpu", torch.float64) if isinstance(sigmas, Tensor)
+                  else torch.tensor(list(sigmas), dtype=torch.float64, device="cpu"))
         if sigmas.dim() != 1 or len(sigmas) < 2 or (sigmas <= 0).any() or (sigmas[1:] >= sigmas[:-1]).any():
             raise ValueError("sigmas must be positive and strictly decreasing, at least 2 levels")
         self.net = net
