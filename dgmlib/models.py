@@ -73,6 +73,10 @@ def _density_samples(model: nn.Module, data: Data, seed: int, title: str) -> dic
     return {"samples": fig}
 
 
+samples_in_unit_interval = functools.partial(_image_samples, to_unit=lambda x: (x + 1) / 2)
+"""``figures`` of a model that samples images in [-1, 1] (the diffusion and score models)."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """All that is particular to one model.
@@ -713,7 +717,7 @@ MODELS: dict[str, ModelSpec] = {
                     "--schedule cosine, --variance learned (L_hybrid), --t_sampling importance (L_vlb)",
         build=_build_ddpm, epochs=200, fast_epochs=3, lr=2e-3, batch_size=128, report=_ddpm_report,
         data=("images", "toy2d"),
-        figures=functools.partial(_image_samples, to_unit=lambda x: (x + 1) / 2),  # a DDPM samples in [-1, 1]
+        figures=samples_in_unit_interval,
         loss=lambda model: model.training_loss,
         loss_label="L_simple (MSE of ε); L_hybrid if --variance learned; L_vlb/p_t (nats) if --t_sampling importance",
         options={"schedule": Option(diffusion.SCHEDULES, "linear", "the noise schedule: linear (Ho et al.) or cosine "

@@ -51,8 +51,8 @@ __all__ = [
     "score_from_eps", "eps_from_score", "tweedie_denoise", "denoising_score_matching_loss",
     "explicit_score_matching_loss", "implicit_score_matching_loss", "sliced_score_matching_loss",
     "langevin_step", "langevin_dynamics", "geometric_sigmas", "annealed_langevin_step", "annealed_langevin_sample",
-    "SDE", "VPSDE", "SubVPSDE", "VESDE", "GammaSDE", "SDES", "make_sde", "reverse_drift",
-    "euler_maruyama_sample", "predictor_corrector_sample", "probability_flow_sample", "ProbabilityFlow",
+    "SDE", "VPSDE", "SubVPSDE", "VESDE", "GammaSDE", "SDES", "make_sde", "alpha_sigma_of_gamma", "reverse_drift",
+    "euler_maruyama_sample", "predictor_corrector_sample", "probability_flow_sample", "sample_sde", "ProbabilityFlow",
     "probability_flow_log_prob", "NCSN", "ScoreSDE", "fourier_features", "LinearGamma", "MonotoneGamma",
     "VDM", "SAMPLERS", "gaussian_log_prob",
 ]
@@ -73,6 +73,11 @@ LOG_2PI = math.log(2 * math.pi)
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     """``(B,)`` -> ``(B, 1, ..., 1)`` to multiply a batch ``like``."""
     return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _per_example(v: Tensor | float, like: Tensor) -> Tensor | float:
+    """A coefficient that is a number or ``(B,)``, ready to multiply the batch ``like``."""
+    return _bcast(v, like) if isinstance(v, Tensor) and v.dim() == 1 else v
 
 
 def _check_sigma(sigma: Tensor | float, name: str = "sigma") -> None:
@@ -123,15 +128,13 @@ def score_from_eps(eps: Tensor, sigma: Tensor | float) -> Tensor:
         ValueError: if ``sigma`` is not positive.
     """
     _check_sigma(sigma)
-    s = _bcast(sigma, eps) if isinstance(sigma, Tensor) and sigma.dim() == 1 else sigma
-    return -eps / s
+    return -eps / _per_example(sigma, eps)
 
 
 def eps_from_score(score: Tensor, sigma: Tensor | float) -> Tensor:
     """The inverse of ``score_from_eps``: ε̂ = -σ ∇ log p_t(x_t), same shapes. Raises ValueError for σ ≤ 0."""
     _check_sigma(sigma)
-    s = _bcast(sigma, score) if isinstance(sigma, Tensor) and sigma.dim() == 1 else sigma
-    return -s * score
+    return -_per_example(sigma, score) * score
 
 
 def tweedie_denoise(x_t: Tensor, score: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
@@ -148,9 +151,7 @@ def tweedie_denoise(x_t: Tensor, score: Tensor, alpha: Tensor | float, sigma: Te
     _check_sigma(sigma)
     if x_t.shape != score.shape:
         raise ValueError(f"x_t and score must have the same shape, got {tuple(x_t.shape)} and {tuple(score.shape)}")
-    a = _bcast(alpha, x_t) if isinstance(alpha, Tensor) and alpha.dim() == 1 else alpha
-    s = _bcast(sigma, x_t) if isinstance(sigma, Tensor) and sigma.dim() == 1 else sigma
-    return (x_t + s ** 2 * score) / a
+    return (x_t + _per_example(sigma, x_t) ** 2 * score) / _per_example(alpha, x_t)
 
 
 def denoising_score_matching_loss(score_fn: ScoreFn, x: Tensor, sigma: Tensor, noise: Tensor | None = None,
@@ -303,6 +304,19 @@ def geometric_sigmas(sigma_max: float, sigma_min: float, num_levels: int) -> Ten
     return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), num_levels, dtype=torch.float64, device="cpu")
 
 
+def _host_sigmas(sigmas: Tensor | Sequence[float], min_levels: int = 1) -> Tensor:
+    """Noise levels as float64 on the host (never the default device, which may be a GPU or ``meta``).
+
+    Raises:
+        ValueError: unless they are at least ``min_levels`` positive, strictly decreasing numbers.
+    """
+    sigmas = (sigmas.detach().to("cpu", torch.float64) if isinstance(sigmas, Tensor)
+              else torch.tensor(list(sigmas), dtype=torch.float64, device="cpu"))
+    if sigmas.dim() != 1 or len(sigmas) < min_levels or (sigmas <= 0).any() or (sigmas[1:] >= sigmas[:-1]).any():
+        raise ValueError(f"sigmas must be at least {min_levels} positive, strictly decreasing noise levels")
+    return sigmas
+
+
 def annealed_langevin_step(score: Tensor, x: Tensor, sigma: float, sigma_min: float, epsilon: float,
                            noise: Tensor) -> Tensor:
     r"""One step of annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1, lines 3-6):
@@ -333,11 +347,7 @@ def annealed_langevin_sample(score_fn: ScoreFn, x: Tensor, sigmas: Tensor, epsil
     Raises:
         ValueError: for bad ``sigmas`` (not decreasing and positive) or step counts.
     """
-    # a few numbers, read on the host (never on the default device, which may be a GPU or meta)
-    sigmas = (sigmas.detach().to("cpu", torch.float64) if isinstance(sigmas, Tensor)
-              else torch.tensor(list(sigmas), dtype=torch.float64, device="cpu"))
-    if sigmas.dim() != 1 or len(sigmas) < 1 or (sigmas <= 0).any() or (sigmas[1:] >= sigmas[:-1]).any():
-        raise ValueError("sigmas must be a 1-D tensor of positive, strictly decreasing noise levels")
+    sigmas = _host_sigmas(sigmas)
     if not isinstance(steps_per_level, int) or steps_per_level < 1:
         raise ValueError(f"steps_per_level must be a positive integer, got {steps_per_level!r}")
     sigma_min = float(sigmas[-1])
@@ -485,13 +495,17 @@ class GammaSDE(SDE):
         self.gamma = gamma
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        g = self.gamma(t)
-        return torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+        return alpha_sigma_of_gamma(self.gamma(t))
 
     def f_g2(self, t: Tensor) -> tuple[Tensor, Tensor]:
         g, dg = self.gamma.gamma_and_derivative(t)
         s2 = torch.sigmoid(g)
         return -0.5 * s2 * dg, s2 * dg
+
+
+def alpha_sigma_of_gamma(gamma: Tensor) -> tuple[Tensor, Tensor]:
+    """α = √sigmoid(-γ) and σ = √sigmoid(γ) of a log-noise-to-signal ratio γ (VDM, Sec. 3), each of γ's shape."""
+    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
 def make_sde(name: str) -> SDE:
@@ -545,6 +559,14 @@ def _final_denoise(sde: SDE, score_fn: ScoreFn, x: Tensor) -> Tensor:
     return tweedie_denoise(x, score_fn(x, t), alpha.to(x.dtype), sigma.to(x.dtype))
 
 
+def _reverse_em_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: Tensor, dt: float,
+                     generator: torch.Generator | None) -> Tensor:
+    """x ← x - [f(t) x - g(t)² s(x, t)] Δt + g(t) √Δt z: one reverse-time Euler–Maruyama step, ``(B, ...)``."""
+    _, g2 = sde.f_g2(t)
+    noise = randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return x - reverse_drift(sde, score_fn, x, t) * dt + _bcast(g2.sqrt().to(x.dtype), x) * math.sqrt(dt) * noise
+
+
 @torch.no_grad()
 def euler_maruyama_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, num_steps: int = 1000, denoise: bool = True,
                           generator: torch.Generator | None = None) -> Tensor:
@@ -560,11 +582,7 @@ def euler_maruyama_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, num_steps: int
     """
     times, steps = _time_grid(sde, num_steps, x)
     for i in range(num_steps):
-        t = times[i].expand(len(x))
-        dt = steps[i]
-        _, g2 = sde.f_g2(t)
-        noise = randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x = x - reverse_drift(sde, score_fn, x, t) * dt + _bcast(g2.sqrt().to(x.dtype), x) * math.sqrt(dt) * noise
+        x = _reverse_em_step(sde, score_fn, x, times[i].expand(len(x)), steps[i], generator)
     return _final_denoise(sde, score_fn, x) if denoise else x
 
 
@@ -589,10 +607,7 @@ def predictor_corrector_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, num_steps
     times, steps = _time_grid(sde, num_steps, x)
     for i in range(num_steps):
         t, t_next = times[i].expand(len(x)), times[i + 1].expand(len(x))
-        dt = steps[i]
-        _, g2 = sde.f_g2(t)
-        noise = randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x = x - reverse_drift(sde, score_fn, x, t) * dt + _bcast(g2.sqrt().to(x.dtype), x) * math.sqrt(dt) * noise
+        x = _reverse_em_step(sde, score_fn, x, t, steps[i], generator)
         ratio = (sde.alpha_sigma(t)[0] / sde.alpha_sigma(t_next)[0]) ** 2  # (B,): α_i = 1 - β_i of Algorithm 5
         for _ in range(corrector_steps):
             score = score_fn(x, t_next)
@@ -642,6 +657,25 @@ def probability_flow_sample(sde: SDE, score_fn: ScoreFn, x: Tensor, rtol: float 
                  options=_ode_options(method, times))[-1]
     out = out.reshape(x.shape)
     return (_final_denoise(sde, score_fn, out) if denoise else out), nfe
+
+
+def sample_sde(sde: SDE, score_fn: ScoreFn, x: Tensor, sampler: str, num_steps: int, snr: float = 0.16,
+               denoise: bool = True, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """Run one of ``SAMPLERS`` from prior draws ``x`` ``(B, ...)``: the reverse SDE by Euler–Maruyama or with a
+    Langevin corrector (``num_steps`` steps, ``snr``), or the probability-flow ODE (dopri5, rtol = atol = 1e-4).
+    Returns the samples ``(B, ...)`` (Tweedie-denoised at t_min if ``denoise``) and the ODE's NFE (0 for the SDEs).
+
+    Raises:
+        ValueError: for an unknown sampler.
+    """
+    if sampler == "euler_maruyama":
+        return euler_maruyama_sample(sde, score_fn, x, num_steps, denoise, generator), 0
+    if sampler == "predictor_corrector":
+        return predictor_corrector_sample(sde, score_fn, x, num_steps, snr=snr, denoise=denoise,
+                                          generator=generator), 0
+    if sampler == "ode":
+        return probability_flow_sample(sde, score_fn, x, rtol=1e-4, atol=1e-4, denoise=denoise)
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
 
 
 def probability_flow_log_prob(sde: SDE, score_fn: ScoreFn, x: Tensor, trace: str = "exact", rtol: float = 1e-5,
@@ -712,10 +746,7 @@ class NCSN(nn.Module):
     def __init__(self, net: nn.Module, sigmas: Tensor, event_shape: Sequence[int], num_levels: int | None = None,
                  epsilon: float = 2e-5, steps_per_level: int = 100) -> None:
         super().__init__()
-        sigmas = (sigmas.detach().to("cpu", torch.float64) if isinstance(sigmas, Tensor)
-                  else torch.tensor(list(sigmas), dtype=torch.float64, device="cpu"))
-        if sigmas.dim() != 1 or len(sigmas) < 2 or (sigmas <= 0).any() or (sigmas[1:] >= sigmas[:-1]).any():
-            raise ValueError("sigmas must be positive and strictly decreasing, at least 2 levels")
+        sigmas = _host_sigmas(sigmas, min_levels=2)
         self.net = net
         self.sigma_values = tuple(sigmas.tolist())  # float64 on the host, for the sampler (no device reads)
         self.register_buffer("sigmas", sigmas.float())  # cast at use; float32 so that MPS can hold it
@@ -871,16 +902,11 @@ class ScoreSDE(nn.Module):
             raise ValueError(f"n must be a positive integer, got {n!r}")
         device, dtype = module_device(self), module_dtype(self)
         x = self.sde.prior_sample((n, *self.event_shape), device, dtype, generator)
-        steps = num_steps or self.sample_steps
-        if sampler == "euler_maruyama":
-            return euler_maruyama_sample(self.sde, self.score, x, steps, generator=generator)
-        if sampler == "predictor_corrector":
-            return predictor_corrector_sample(self.sde, self.score, x, steps, generator=generator,
-                                              snr=0.16 if self.num_levels is not None else 0.05)
+        samples, nfe = sample_sde(self.sde, self.score, x, sampler, num_steps or self.sample_steps,
+                                  snr=0.16 if self.num_levels is not None else 0.05, generator=generator)
         if sampler == "ode":
-            out, self.last_nfe = probability_flow_sample(self.sde, self.score, x, rtol=1e-4, atol=1e-4, denoise=True)
-            return out
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+            self.last_nfe = nfe
+        return samples
 
 
 # --------------------------------------------------------------------------- VDM
@@ -1057,7 +1083,7 @@ class VDM(nn.Module):
     def score(self, z: Tensor, t: Tensor) -> Tensor:
         """s_θ(z, t) = -ε̂ / σ_t, ``(B, ...)``."""
         gamma = self.gamma(t)
-        return score_from_eps(self.eps(z, gamma), torch.sigmoid(gamma).sqrt().to(z.dtype))
+        return score_from_eps(self.eps(z, gamma), alpha_sigma_of_gamma(gamma)[1].to(z.dtype))
 
     def to_unit(self, batch: Tensor) -> Tensor:
         """Images of levels to [-1, 1]; 2D points unchanged. ``(B, ...)``."""
@@ -1100,7 +1126,8 @@ class VDM(nn.Module):
             t = self._times(len(x), x.device, x.dtype, generator)
         gamma, dgamma = self.gamma.gamma_and_derivative(t)
         eps = randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        z = _bcast(torch.sigmoid(-gamma).sqrt(), x) * x + _bcast(torch.sigmoid(gamma).sqrt(), x) * eps
+        alpha, sigma = alpha_sigma_of_gamma(gamma)
+        z = _bcast(alpha, x) * x + _bcast(sigma, x) * eps
         return 0.5 * dgamma * _sum_event((eps - self.eps(z, gamma)) ** 2)
 
     def discrete_diffusion_loss(self, x: Tensor, num_steps: int, generator: torch.Generator | None = None) -> Tensor:
@@ -1112,7 +1139,8 @@ class VDM(nn.Module):
         t, s = i.to(x.dtype) / num_steps, (i - 1).to(x.dtype) / num_steps
         gamma_t, gamma_s = self.gamma(t), self.gamma(s)
         eps = randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        z = _bcast(torch.sigmoid(-gamma_t).sqrt(), x) * x + _bcast(torch.sigmoid(gamma_t).sqrt(), x) * eps
+        alpha, sigma = alpha_sigma_of_gamma(gamma_t)
+        z = _bcast(alpha, x) * x + _bcast(sigma, x) * eps
         return 0.5 * num_steps * torch.expm1(gamma_t - gamma_s) * _sum_event((eps - self.eps(z, gamma_t)) ** 2)
 
     def bound_terms(self, y: Tensor, generator: torch.Generator | None = None,
@@ -1166,21 +1194,15 @@ class VDM(nn.Module):
             for i in range(steps):
                 gamma_t, gamma_s = self.gamma(times[i].expand(n)), self.gamma(times[i + 1].expand(n))
                 c = -torch.expm1(gamma_s - gamma_t)
-                alpha_t, alpha_s = torch.sigmoid(-gamma_t).sqrt(), torch.sigmoid(-gamma_s).sqrt()
-                sigma_t, sigma_s = torch.sigmoid(gamma_t).sqrt(), torch.sigmoid(gamma_s).sqrt()
+                (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma_of_gamma(gamma_t), alpha_sigma_of_gamma(gamma_s)
                 mean = _bcast(alpha_s / alpha_t, z) * (z - _bcast(c * sigma_t, z) * self.eps(z, gamma_t))
                 z = mean + _bcast((c * sigma_s ** 2).sqrt(), z) * randn(z.shape, device=device, dtype=dtype,
                                                                          generator=generator)
-            g0 = self.gamma(z.new_zeros(1))
-            z = z / torch.sigmoid(-g0).sqrt()
-        elif sampler == "euler_maruyama":
-            z = euler_maruyama_sample(self.sde, self.score, z, steps, denoise=False, generator=generator)
-            z = z / self.sde.alpha_sigma(z.new_full((1,), self.sde.t_min))[0]
-        elif sampler == "predictor_corrector":
-            z = predictor_corrector_sample(self.sde, self.score, z, steps, denoise=False, generator=generator)
-            z = z / self.sde.alpha_sigma(z.new_full((1,), self.sde.t_min))[0]
-        elif sampler == "ode":
-            z, self.last_nfe = probability_flow_sample(self.sde, self.score, z, rtol=1e-4, atol=1e-4)
+            z = z / alpha_sigma_of_gamma(self.gamma(z.new_zeros(1)))[0]
+        elif sampler in SAMPLERS:
+            z, nfe = sample_sde(self.sde, self.score, z, sampler, steps, denoise=False, generator=generator)
+            if sampler == "ode":
+                self.last_nfe = nfe
             z = z / self.sde.alpha_sigma(z.new_full((1,), self.sde.t_min))[0]
         else:
             raise ValueError(f"sampler must be 'ancestral' or one of {', '.join(SAMPLERS)}, got {sampler!r}")

@@ -26,7 +26,7 @@ from dgmlib import diffusion, score
 from dgmlib.config import pick
 from dgmlib.data import TOY_DENSITIES, ImageData, ToyData, toy_entropy
 from dgmlib.device import module_device
-from dgmlib.models import MAX_TEST_IMAGES, Data, ModelSpec, Option, _image_samples, register
+from dgmlib.models import MAX_TEST_IMAGES, Data, ModelSpec, Option, register, samples_in_unit_interval
 from dgmlib.results import Column, number
 
 __all__ = ["ncsn_sigmas"]
@@ -40,8 +40,9 @@ def ncsn_sigmas(x: Tensor, sigma_min: float = 0.01, num_levels: int = 10) -> Ten
     return score.geometric_sigmas(float(torch.cdist(flat, flat).max()), sigma_min, num_levels)
 
 
-def _unit(d: Data) -> Tensor:
-    return diffusion.levels_to_unit(d.train, d.num_levels) if isinstance(d, ImageData) else d.train
+def _to_unit(d: Data) -> Callable[[Tensor], Tensor]:
+    """Data to the models' space: image levels to [-1, 1]; 2D points unchanged."""
+    return (lambda y: diffusion.levels_to_unit(y, d.num_levels)) if isinstance(d, ImageData) else (lambda x: x)
 
 
 def _net(d: Data, in_channels: int | None = None) -> nn.Module:
@@ -52,7 +53,8 @@ def _net(d: Data, in_channels: int | None = None) -> nn.Module:
 
 def _build_ncsn(d: Data) -> score.NCSN:
     images = isinstance(d, ImageData)
-    return score.NCSN(_net(d), ncsn_sigmas(_unit(d), num_levels=pick(10, 5)), d.shape if images else (d.num_dims,),
+    return score.NCSN(_net(d), ncsn_sigmas(_to_unit(d)(d.train), num_levels=pick(10, 5)),
+                      d.shape if images else (d.num_dims,),
                       num_levels=d.num_levels if images else None, epsilon=pick(2e-5, 2e-5) if images else 1e-4,
                       steps_per_level=pick(100, 10))
 
@@ -75,11 +77,12 @@ def _synchronize(model: nn.Module) -> Callable[[], None]:
     return torch.cuda.synchronize if module_device(model).type == "cuda" else (lambda: None)
 
 
-def _samples_and_distances(model: nn.Module, data: Data, seed: int, samplers: dict[str, Callable[[int, torch.Generator], Tensor]],
-                           to_unit: Callable[[Tensor], Tensor]) -> dict:
+def _samples_and_distances(model: nn.Module, data: Data, seed: int,
+                           samplers: dict[str, Callable[[int, torch.Generator], Tensor]]) -> dict:
     """Time per image and sliced Wasserstein distance to the test points for each sampler, and the floor."""
     images = isinstance(data, ImageData)
     n = pick(64, 16) if images else min(pick(2000, 500), len(data.test), len(data.val))
+    to_unit = _to_unit(data)
     test, held_out = to_unit(data.test[:n]).flatten(1), to_unit(data.val[:n]).flatten(1)
     metrics: dict = {"sample_count": n, "data_distance": diffusion.sliced_wasserstein(held_out, test),
                      "distance": f"sliced 2-Wasserstein (512 directions) between {n} samples and {n} test points"
@@ -127,11 +130,9 @@ def _ncsn_report(model: score.NCSN, data: Data, seed: int) -> dict:
     """NCSN has no likelihood: its samples (annealed Langevin) against the data floor."""
     model.eval()
     images = isinstance(data, ImageData)
-    to_unit = (lambda y: diffusion.levels_to_unit(y, data.num_levels)) if images else (lambda x: x)
     metrics = {"noise_levels": len(model.sigmas), "sigma_max": model.sigmas[0].item(),
                "sigma_min": model.sigmas[-1].item(), "langevin_steps": model.steps_per_level * len(model.sigmas)}
-    metrics.update(_samples_and_distances(model, data, seed, {"langevin": lambda n, g: model.sample(n, generator=g)},
-                                          to_unit))
+    metrics.update(_samples_and_distances(model, data, seed, {"langevin": lambda n, g: model.sample(n, generator=g)}))
     return metrics
 
 
@@ -152,9 +153,8 @@ def _score_sde_report(model: score.ScoreSDE, data: Data, seed: int) -> dict:
                        likelihood=f"-log p(x) of the probability-flow ODE (exact trace, dopri5, rtol = atol = 1e-5) on "
                                   f"{len(test)} test points, nats per point")
         _toy_entropy(metrics, data, seed)
-    to_unit = (lambda y: diffusion.levels_to_unit(y, data.num_levels)) if images else (lambda x: x)
     metrics.update(sde=type(model.sde).__name__, sample_steps=model.sample_steps, **_samples_and_distances(
-        model, data, seed, {s: (lambda n, g, s=s: model.sample(n, s, generator=g)) for s in score.SAMPLERS}, to_unit))
+        model, data, seed, {s: (lambda n, g, s=s: model.sample(n, s, generator=g)) for s in score.SAMPLERS}))
     metrics["sample_nfe_ode"] = model.last_nfe
     return metrics
 
@@ -202,10 +202,9 @@ def _vdm_report(model: score.VDM, data: Data, seed: int) -> dict:
                        likelihood="VDM's continuous-time bound on -log p(x) with a Gaussian decoder, nats per point; "
                                   "ode_nll_nats: the probability-flow ODE's exact NLL (exact trace)")
         _toy_entropy(metrics, data, seed)
-    to_unit = (lambda y: diffusion.levels_to_unit(y, data.num_levels)) if images else (lambda x: x)
     samplers = {"ancestral": lambda n, g: model.sample(n, "ancestral", generator=g),
                 "ode": lambda n, g: model.sample(n, "ode", generator=g)}
-    metrics.update(sample_steps=model.sample_steps, **_samples_and_distances(model, data, seed, samplers, to_unit))
+    metrics.update(sample_steps=model.sample_steps, **_samples_and_distances(model, data, seed, samplers))
     metrics["sample_nfe_ode"] = model.last_nfe
     return metrics
 
@@ -220,15 +219,19 @@ _ODE_COLUMNS = (Column("ODE NLL (nats)", number("ode_nll_nats", 3, "ode_nll_se_n
                 Column("ODE NFE", lambda r: str(r.get("ode_nfe") or "")),
                 Column("true entropy (nats)", number("true_entropy_nats", 3)))
 
+_SHARED = {  # what the three models have in common: data, figures in [-1, 1], their own loss, the toys' settings
+    "data": ("images", "toy2d"),
+    "figures": samples_in_unit_interval,
+    "loss": lambda model: model.training_loss,
+    "overrides": {"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)}},
+}
+
 register("ncsn", ModelSpec(
     family="score-based",
     description="NCSN: a noise-conditional score network over 10 geometric noise levels (σ_1 = the largest "
                 "pairwise distance), denoising score matching, annealed Langevin sampling (lecture 11)",
     build=_build_ncsn, epochs=200, fast_epochs=3, lr=2e-3, batch_size=128, report=_ncsn_report,
-    data=("images", "toy2d"),
-    figures=lambda m, d, s, t: _image_samples(m, d, s, t, to_unit=lambda x: (x + 1) / 2),
-    loss=lambda model: model.training_loss, loss_label="½ ||σ s_θ(x̃, σ) + ε||² (σ²-weighted denoising score matching)",
-    overrides={"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)}},
+    **_SHARED, loss_label="½ ||σ s_θ(x̃, σ) + ε||² (σ²-weighted denoising score matching)",
     columns=_distance_columns(("langevin",)),
 ))
 
@@ -237,10 +240,7 @@ register("score_sde", ModelSpec(
     description="score SDE (VP, VE or sub-VP): ε-network, continuous-time denoising score matching; Euler-Maruyama, "
                 "predictor-corrector and probability-flow ODE samplers; the ODE's NLL (lecture 11)",
     build=_build_score_sde, epochs=200, fast_epochs=3, lr=2e-3, batch_size=128, report=_score_sde_report,
-    data=("images", "toy2d"),
-    figures=lambda m, d, s, t: _image_samples(m, d, s, t, to_unit=lambda x: (x + 1) / 2),
-    loss=lambda model: model.training_loss, loss_label="½ ||ε̂(x_t, t) - ε||² (denoising score matching, λ(t) = σ(t)²)",
-    overrides={"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)}},
+    **_SHARED, loss_label="½ ||ε̂(x_t, t) - ε||² (denoising score matching, λ(t) = σ(t)²)",
     options={"sde": Option(score.SDES, "vp", "the forward SDE: variance preserving, variance exploding, or sub-VP")},
     columns=_ODE_COLUMNS + _distance_columns(score.SAMPLERS),
 ))
@@ -250,11 +250,7 @@ register("vdm", ModelSpec(
     description="VDM: a learned monotone noise schedule (or a fixed linear one), Fourier features, the "
                 "continuous-time bound with a discrete decoder over the levels (lecture 11)",
     build=_build_vdm, epochs=300, fast_epochs=3, lr=2e-3, batch_size=64, report=_vdm_report,
-    data=("images", "toy2d"),
-    figures=lambda m, d, s, t: _image_samples(m, d, s, t, to_unit=lambda x: (x + 1) / 2),
-    loss=lambda model: model.training_loss,
-    loss_label="the continuous-time bound (nats): prior KL + L_inf + reconstruction",
-    overrides={"toy2d": {"epochs": (300, 3), "batch_size": (128, 512)}},
+    **_SHARED, loss_label="the continuous-time bound (nats): prior KL + L_inf + reconstruction",
     options={"schedule": Option(score.VDM.SCHEDULES, "learned",
                                 "γ(t): a monotone network trained to minimise the loss's variance, or linear")},
     columns=(Column("bound (nats)", number("test_nll_nats", 1, "test_nll_se_nats")),
