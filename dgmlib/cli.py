@@ -203,7 +203,9 @@ def train_model(name: str, data_name: str, out: Path, epochs: int | None = None,
     loss_fn = spec.loss(model) if spec.loss is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a cut run is reported below, in metrics.json and loudly
-        history = fit(model, data.train, data.val if spec.validate else None, loss_fn=loss_fn, seed=seed,
+        train, val = (data.train, data.val) if spec.inputs is None else \
+            (spec.inputs(model, data, "train"), spec.inputs(model, data, "val"))
+        history = fit(model, train, val if spec.validate else None, loss_fn=loss_fn, seed=seed,
                       progress=progress, device=device, time_budget=time_cap, **settings)
     stage = spec.after_fit(model, data, {"seed": seed, "progress": progress, "device": device}) \
         if spec.after_fit is not None else {}

@@ -342,14 +342,21 @@ class UNet(nn.Module):
     features (``dgmlib.score.fourier_features``); the output always has ``channels``. A ``DDPM`` with
     learned variances needs ``UNet(2 * C, base, in_channels=C)``: ε and v for each of the C input channels.
 
+    ``num_classes`` makes it class-conditional: a learned embedding of the label (``num_classes + 1`` rows,
+    the last one the "no label" token ∅ of classifier-free guidance, Ho & Salimans 2022) is added to the
+    time embedding; ``forward(x, t, labels)`` with ``labels`` ``(B,)`` in 0..num_classes (num_classes = ∅),
+    or None for ∅.
+
     Raises:
-        ValueError: for odd image sizes (in ``forward``).
+        ValueError: for odd image sizes, or labels given to an unconditional U-Net (in ``forward``).
     """
 
-    def __init__(self, channels: int = 1, base: int = 32, emb_dim: int = 64, in_channels: int | None = None) -> None:
+    def __init__(self, channels: int = 1, base: int = 32, emb_dim: int = 64, in_channels: int | None = None,
+                 num_classes: int | None = None) -> None:
         super().__init__()
-        self.emb_dim = emb_dim
+        self.emb_dim, self.num_classes = emb_dim, num_classes
         self.time = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
         self.conv_in = nn.Conv2d(channels if in_channels is None else in_channels, base, 3, padding=1)
         self.down1 = _ResBlock(base, base, emb_dim)
         self.downsample = nn.Conv2d(base, base, 3, stride=2, padding=1)
@@ -359,11 +366,18 @@ class UNet(nn.Module):
         self.up1 = _ResBlock(3 * base, base, emb_dim)
         self.out = nn.Sequential(nn.GroupNorm(8, base), nn.SiLU(), nn.Conv2d(base, channels, 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """``x`` ``(B, C_in, H, W)``, ``t`` ``(B,)`` in 1..T (any real value embeds); returns ``(B, C, H, W)``."""
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """``x`` ``(B, C_in, H, W)``, ``t`` ``(B,)`` in 1..T (any real value embeds), ``labels`` ``(B,)`` int64
+        (class-conditional U-Net only; None: ∅); returns ``(B, C, H, W)``."""
         if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
             raise ValueError(f"UNet needs (B, C, H, W) with even H and W, got {tuple(x.shape)}")
         emb = self.time(timestep_embedding(t, self.emb_dim))
+        if self.label is not None:
+            if labels is None:
+                labels = torch.full((len(x),), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.label(labels)  # (B, emb_dim): the label conditions every block, as the time does
+        elif labels is not None:
+            raise ValueError("labels given to an unconditional UNet: build it with num_classes")
         h1 = self.down1(self.conv_in(x), emb)  # (B, base, H, W)
         h = self.mid2(self.mid1(self.downsample(h1), emb), emb)  # (B, 2 base, H/2, W/2)
         h = self.up1(torch.cat([self.upsample(h), h1], dim=1), emb)  # (B, base, H, W)

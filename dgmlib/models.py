@@ -111,6 +111,9 @@ class ModelSpec:
         after_fit: ``(model, data, settings) -> dict``, a second training stage run after ``fit`` and before
             ``report`` (the VQ-VAE's prior over its codes); ``settings`` holds ``fit``'s ``seed``, ``progress``
             and ``device``, and the returned metrics go into ``metrics.json``.
+        inputs: ``(model, data, split) -> Tensor``, what ``fit`` trains on for ``split`` (``"train"`` or ``"val"``)
+            when it is not ``data.train`` / ``data.val``: a class-conditional model's images packed with their
+            labels (``dgmlib.flow_matching.pack_labels``).
     """
 
     description: str
@@ -131,6 +134,7 @@ class ModelSpec:
     overrides: dict[str, dict[str, tuple]] = field(default_factory=dict)
     columns: tuple[Column, ...] = ()
     after_fit: Callable[[nn.Module, Data, dict], dict] | None = None
+    inputs: Callable[[nn.Module, Data, str], Tensor] | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     validate: bool = True
 
@@ -818,3 +822,4 @@ def register(name: str, spec: ModelSpec) -> None:
 
 
 from dgmlib import score_models  # noqa: E402, F401 - lecture 11's entries register themselves beside their family
+from dgmlib import flow_matching_models  # noqa: E402, F401 - lecture 12's, likewise

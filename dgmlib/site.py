@@ -47,7 +47,7 @@ __all__ = ["API_MODULES", "INLINE_BACKEND", "LostFiguresError", "build_site", "d
 
 # The modules of the API reference: every public module of dgmlib.
 API_MODULES = ("autoregressive", "flows", "revnet", "dequantization", "vae", "vq", "ode", "cnf", "diffusion", "score",
-               "score_models", "data", "train", "units", "plots", "device", "config", "models", "results", "colab", "site", "cli", "grading")
+               "score_models", "flow_matching", "flow_matching_models", "data", "train", "units", "plots", "device", "config", "models", "results", "colab", "site", "cli", "grading")
 MODES = ("fast", "full")
 # the pages of docs/ in the navigation: these first, in this order, then any other alphabetically
 GUIDE_ORDER = ("training", "assignments", "grading", "private_course", "testing", "benchmarks")

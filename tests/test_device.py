@@ -25,8 +25,13 @@ from dgmlib.train import check_data, evaluate, fit
 
 NEEDS_VALUES = {"ffjord": "torchdiffeq's adaptive dopri5 reads its step sizes and the times' values",
                 "score_sde": "its nll solves the probability-flow ODE with torchdiffeq's adaptive dopri5",
-                "ncsn": "annealed Langevin sampling takes its step sizes from the values of the noise levels"}
+                "ncsn": "annealed Langevin sampling takes its step sizes from the values of the noise levels",
+                "flow_matching": "its nll and default sampler solve the ODE with torchdiffeq's adaptive dopri5, and the "
+                                 "OT coupling solves the assignment on the host"}
 """Registered models that cannot run on ``meta``; the default-device trap and the dynamics test cover them."""
+SLOW_EXERCISE = {"flow_matching"}
+"""Models whose untrained likelihood takes a minute here (the exact trace of an ODE made stiff by an untrained network's
+time embedding): their default-device trap runs in the whole suite, not the quick tier."""
 
 
 def _data(name: str):
@@ -73,7 +78,7 @@ def test_every_model_trains_evaluates_and_samples_on_meta(name):
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXERCISE else n for n in MODELS])
 def test_no_model_makes_tensors_on_the_default_device(name):
     spec = MODELS[name]
     d = _data(name)
@@ -345,5 +350,28 @@ def test_score_models_run_on_meta(name):
                     dyn.noise = cnf.sample_noise((8, dim), trace, dtype=x.dtype, device="meta") \
                         if trace != "exact" else None
                     outputs.append(dyn(torch.tensor(0.5, device="meta"), torch.zeros(8, dim + 1, device="meta")))
+        for out in outputs:
+            assert out.device.type == "meta"
+
+
+def test_flow_matching_runs_on_meta():
+    """Lecture 12's models on ``meta``: a training step (independent coupling; class-conditional with label
+    dropout), the fixed-step samplers, guided sampling, and the exact-trace dynamics of the likelihood
+    that the adaptive solver would call."""
+    from dgmlib import flow_matching as fm
+
+    spec = MODELS["flow_matching"]
+    digits = load_image_data("digits")
+    for d, options in ((digits, {}), (digits, {"conditioning": "class"}), (load_toy_data("8gaussians"), {})):
+        model = spec.build(d, **options).to("meta")
+        batch = spec.inputs(model, d, "train")[:8].to("meta")
+        assert _step(model, spec, batch).device.type == "meta"
+        model.eval()
+        labels = torch.arange(4, device="meta") if model.num_classes else None
+        outputs = [model.sample(4, s, 2, labels=labels, guidance=2.0) for s in ("euler", "midpoint", "heun")]
+        outputs.append(model.sample(4, "euler", 2, labels=labels, generator=torch.Generator().manual_seed(0)))
+        flow = model.cnf()
+        dim = model.num_dims
+        outputs.append(flow.dynamics(torch.tensor(0.5, device="meta"), torch.zeros(4, dim + 1, device="meta")))
         for out in outputs:
             assert out.device.type == "meta"

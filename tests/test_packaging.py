@@ -41,7 +41,7 @@ def test_environment_yml_matches_pyproject():
 def test_the_core_install_is_slim():
     """`pip install dgmlib` (Colab's setup cell) brings what lectures and assignments import, never a Jupyter stack."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert _names(project["dependencies"]) == {"torch", "torchdiffeq", "numpy", "scikit-learn", "matplotlib", "tqdm"}
+    assert _names(project["dependencies"]) == {"torch", "torchdiffeq", "numpy", "scikit-learn", "matplotlib", "tqdm", "pot"}
     grade = _names(_expanded(project, "grade"))
     assert {"nbgrader", "jupyterlab", "ipykernel", "copydetect"} <= grade
     assert {"sphinx", "myst-nb", "sphinx-book-theme"} <= _names(_expanded(project, "site"))
