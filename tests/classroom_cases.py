@@ -102,6 +102,20 @@ EXPECTED = {
                        "test_pf_ode": 2},
         },
     },
+    "hw7_flow_matching": {
+        "assignment": "hw7_flow_matching",
+        # the path, the loss and guidance; the samplers, reflow and the trained model left unsolved
+        "partial_cells": {"path", "cfm", "guidance"},
+        "raising_cell": "heun",
+        "scores": {
+            "honest": {"test_ot_path": 3, "test_cfm": 4, "test_euler": 3, "test_heun": 3, "test_guidance": 3,
+                       "test_reflow": 4, "test_cond_sampler": 2, "test_cond_digits": 3},
+            "partial": {"test_ot_path": 3, "test_cfm": 4, "test_guidance": 3},
+            # without Heun there are no reflow pairs and no samples of the model; its training needs only the CFM
+            # loss, and the trained network is judged alone (the grader's own sampler)
+            "raises": {"test_ot_path": 3, "test_cfm": 4, "test_euler": 3, "test_guidance": 3, "test_cond_digits": 3},
+        },
+    },
 }
 # Grading the innocent solution costs a full training: it is graded with the first assignment only. The
 # review of every assignment's innocent solution is tested on its own (test_grading_security).
@@ -117,6 +131,7 @@ INNOCENT = {
     "hw4_vq_vae": ("ema", r"\bsmoothed\b", "laplace_counts"),
     "hw5_neural_ode": ("hutchinson", r"\beps_jac\b", "vjp_eps"),
     "hw6_diffusion": ("objective", r"(?<!\.)\bmean\b", "posterior_mean"),
+    "hw7_flow_matching": ("cfm", r"\bu_t\b", "target_velocity"),
 }
 INNOCENT_HEADER = '''# My own code: I did not use dgmlib's reference answers, nor grading, sys or inspect; the jacobian
 # terms are worked out by hand.
@@ -366,6 +381,64 @@ def pf_ode_log_prob(mu, s2, x, sde):
     return -0.5 * (x - mu).pow(2).sum(1) - 0.5 * x.shape[1] * math.log(2 * math.pi)
 """,
     },
+    "hw7_flow_matching": {
+        # each part's classic mistake: no sigma_min in the path, the target's sign and a mean in the loss, the field
+        # at the end of the Euler step, Heun without its corrector, the guidance weights swapped, fresh noise in the
+        # reflow pairs, and an untrained model whose sampler draws noise
+        "path": """
+def ot_path(x0, x1, t, sigma_min):
+    t = t.to(x1).reshape((-1,) + (1,) * (x1.dim() - 1))
+    return t * x1 + (1 - t) * x0, x1 - x0
+""",
+        "cfm": """
+def cfm_loss(velocity_fn, x0, x1, t, sigma_min):
+    x_t, u_t = ot_path(x0, x1, t, sigma_min)
+    return (velocity_fn(x_t, t) + u_t).pow(2).flatten(1).mean(1)
+""",
+        "euler": """
+def euler_sample(velocity_fn, x0, num_steps, t_end=1.0):
+    h, x = t_end / num_steps, x0
+    for k in range(num_steps):
+        x = x + h * velocity_fn(x, torch.full((len(x),), (k + 1) * h, dtype=x.dtype))
+    return x
+""",
+        "heun": """
+def heun_sample(velocity_fn, x0, num_steps, t_end=1.0):
+    h, x = t_end / num_steps, x0
+    for k in range(num_steps):
+        x = x + h * velocity_fn(x, torch.full((len(x),), k * h, dtype=x.dtype))
+    return x
+""",
+        "guidance": """
+def guided_velocity(v_cond, v_uncond, w):
+    return v_cond + w * (v_uncond - v_cond)
+def guided_field(velocity, labels, w):
+    return lambda x, t: velocity(x, t, labels)
+""",
+        "reflow": """
+def reflow_pairs(velocity_fn, n, event_shape, num_steps, generator=None):
+    x0 = torch.randn((n, *event_shape), generator=generator)
+    with torch.no_grad():
+        x1 = heun_sample(velocity_fn, torch.randn((n, *event_shape), generator=generator), num_steps)
+    return x0, x1
+def reflow_loss(velocity_fn, x0, x1, t):
+    return cfm_loss(velocity_fn, x0, x1, t, 0.1)
+def straightness(velocity_fn, x0, num_steps):
+    return torch.zeros(len(x0))
+""",
+        "train": """
+class CondFlow(nn.Module):
+    def __init__(self, net, sigma_min=SIGMA_MIN, p_uncond=P_UNCOND):
+        super().__init__()
+        self.net, self.sigma_min, self.p_uncond = net, sigma_min, p_uncond
+    def velocity(self, x, t, labels=None):
+        return self.net(x, 999 * t, labels)
+    def sample(self, labels, w, num_steps=10, generator=None):
+        return torch.randn((len(labels), 1, 8, 8), generator=generator)
+cond_model = CondFlow(diffusion.UNet(1, base=8, num_classes=NUM_CLASSES))
+cond_history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
+    },
 }
 TAMPER_CELL = """
 import builtins, torch, numpy, dgmlib, dgmlib.train, dgmlib.grading
@@ -491,6 +564,10 @@ def q_sample(schedule, x0, t, noise):
 def q_posterior(schedule, x0, x_t, t):
     mean, var, _ = diffusion.q_posterior_mean_variance(schedule, x0, x_t, t)
     return mean, var
+"""),
+    "hw7_flow_matching": ("euler", """
+def euler_sample(velocity_fn, x0, num_steps, t_end=1.0):
+    return flow_matching.euler_sample(velocity_fn, x0, num_steps, t_end)
 """),
 }
 # A relay between the kernel's checks and the grader's checker that swaps each answer for the expected
@@ -621,14 +698,18 @@ print("planted:", sorted(os.listdir(".")))
 """
 # A probe that answers from a cache: a shell hook keeps only the probe of every test cell (the visible checks go),
 # and the probe exposes, in place of the student's (wrong) functions, ones that return values cached in a file
-# beforehand: the reference's values on the visible tests' inputs, worked out at home with the full library. The
-# judge draws its inputs from a secret seed per submission and computes what each answer must be itself, in the
-# grader: no cached value fits. Graded with hw6 (ASSIGNMENT_ONLY), whose Parts 5-8 have small, fixed visible tests.
+# beforehand: the reference's values on the visible tests' inputs, worked out at home with the full library (hard-coded
+# outputs). The judge draws its inputs from a secret seed per submission and computes what each answer must be itself,
+# in the grader: no cached value fits. Graded with hw6, whose Parts 5-8 have small, fixed visible tests, and hw7, whose
+# path, loss, samplers and guidance do (ASSIGNMENT_ONLY); CACHED_CELLS are the cells whose judge must say no.
 CACHED_PROBE_CELL = """
 import re
 import torch
 _CACHE = {"dsm_loss_of": torch.zeros(6), "annealed_langevin_step": torch.zeros(2, 2), "vdm_loss_of": torch.zeros(5),
-          "pf_dynamics_of": (torch.zeros(4, 2), torch.zeros(4)), "pf_ode_log_prob_of": torch.full((4,), -2.5)}
+          "pf_dynamics_of": (torch.zeros(4, 2), torch.zeros(4)), "pf_ode_log_prob_of": torch.full((4,), -2.5),
+          "ot_path": (torch.zeros(4, 3), torch.zeros(4, 3)), "cfm_loss_of": torch.zeros(6), "euler_of": torch.zeros(32, 3),
+          "heun_of": torch.zeros(32, 3), "guided_velocity": torch.zeros(4, 1, 8, 8), "guided_field_of": torch.zeros(3, 2),
+          "reflow_pairs_of": (torch.zeros(4000, 2), torch.zeros(4000, 2)), "straightness_of": torch.zeros(4000)}
 torch.save(_CACHE, "expected.pt")
 def _cached(name):
     return lambda *args, **kwargs: torch.load("expected.pt").get(name, torch.zeros(1))
@@ -677,7 +758,35 @@ class _Lying(autoregressive.AutoregressiveModel):
 model = _Lying()
 history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
 """,
+    # hw7: a sampler that returns real test digits of the asked labels, which the classifier reads right, from an
+    # untrained network. The judge replays the sampler with the network's parameters, and samples and measures the
+    # network itself.
+    "hw7_flow_matching": """
+_real = diffusion.levels_to_unit(images.test, images.num_levels)
+_real_labels = data.load_digit_labels("test")
+class CondFlow(nn.Module):
+    def __init__(self, net, sigma_min=SIGMA_MIN, p_uncond=P_UNCOND):
+        super().__init__()
+        self.net, self.sigma_min, self.p_uncond = net, sigma_min, p_uncond
+    def velocity(self, x, t, labels=None):
+        return self.net(x, 999 * t, labels)
+    def sample(self, labels, w, num_steps=10, generator=None):
+        picks = [int(torch.nonzero(_real_labels == int(c))[i % 20]) for i, c in enumerate(labels)]
+        return _real[picks]
+cond_model = CondFlow(diffusion.UNet(1, base=BASE, num_classes=NUM_CLASSES))
+cond_history = train.History(train_loss=[1.0], val_loss=[1.0], best_epoch=0)
+""",
 }
+# The lying sampler's test cells reduced to their probes by a shell hook, so that its samples, real digits, reach the
+# judge without the visible replay that would give them away (hw7, with LYING's model and wrong answers elsewhere).
+PROBE_ONLY_CELL = """
+def _probe_only(lines):
+    text = "".join(lines)
+    if "grading.probe(" not in text:
+        return lines
+    return ["from dgmlib import grading\\n", text[text.index("grading.probe("):]]
+get_ipython().input_transformers_post.append(_probe_only)
+"""
 ATTACKS = {
     "hide_errors": (HIDE_ERRORS_CELL, "wrong"),
     "swap_grading": (SWAP_GRADING_CELL, "wrong"),
@@ -699,6 +808,7 @@ ATTACKS = {
     "huge_result": (HUGE_RESULT_CELL, "blank"),
     "lying_model": (None, "lying"),
     "cached_probe": (CACHED_PROBE_CELL, "wrong"),
+    "lying_sampler": (PROBE_ONLY_CELL, "lying"),
 }
 # Attacks that leave no passing receipt for any test cell: stopped by the receipts alone, before the review.
 RECEIPT_ATTACKS = ("hide_errors", "swap_grading", "forge_channel")
@@ -718,8 +828,12 @@ JUDGE_ATTACKS = ("rewrite_tests", "forge_probe", "read_solutions", "escape", "ly
 # The attacks on the judge run on every assignment (each has its own judges, answers and probes), but the lying model,
 # which needs a model written for one assignment's trusted architecture (hw1's PixelCNN).
 FIRST_ASSIGNMENT_ONLY = GRADER_ATTACKS + RECEIPT_ATTACKS + ("lying_model",)
-# Attacks graded with the named assignments only: the cached probe, on hw6's Parts 5-8.
-ASSIGNMENT_ONLY = {"cached_probe": ("hw6_diffusion",)}
+# Attacks graded with the named assignments only: the cached probe, on hw6's Parts 5-8 and on hw7; hw7's lying sampler.
+ASSIGNMENT_ONLY = {"cached_probe": ("hw6_diffusion", "hw7_flow_matching"), "lying_sampler": ("hw7_flow_matching",)}
+# The test cells whose judge must be reached, and say no, under the cached probe.
+CACHED_CELLS = {"hw6_diffusion": ("test_dsm", "test_langevin", "test_vdm", "test_pf_ode"),
+                "hw7_flow_matching": ("test_ot_path", "test_cfm", "test_euler", "test_heun", "test_guidance",
+                                      "test_reflow", "test_cond_sampler", "test_cond_digits")}
 
 
 def attacks_for(assignment: str) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from classroom_cases import (EXPECTED, GRADER_ATTACKS, RECEIPT_ATTACKS, attack_submission, attacks_for,
+from classroom_cases import (CACHED_CELLS, EXPECTED, GRADER_ATTACKS, RECEIPT_ATTACKS, attack_submission, attacks_for,
                              pipeline_submission)
 from dgmlib.cli import main
 from dgmlib.grading import classroom, sandbox
@@ -208,9 +208,18 @@ def test_grading_a_class(tmp_path, name):
         cached = results["cached_probe"]
         assert cached.autograded_before_review == 0, report
         assert "cached values for: [" in _printed(course, "cached_probe", name, notebook_file.name), report
-        for cell in ("test_dsm", "test_langevin", "test_vdm", "test_pf_ode"):
+        for cell in CACHED_CELLS[name]:
             assert any(u.startswith(f"{cell} (judge: ") and "never reached" not in u for u in cached.unverified), \
                 f"{cell}: {cached.unverified}\n{report}"
+    if "lying_sampler" in attacks:
+        # real test digits from the sampler of an untrained network, its test cells reduced to their probes: both
+        # judges of the model were reached (the replay and the network's own samples and loss) and said no
+        lying = results["lying_sampler"]
+        assert lying.autograded_before_review == 0, report
+        for cell, reason in (("test_cond_sampler", "cond_model.sample: x0 = torch.randn"),
+                             ("test_cond_digits", "the CFM loss of your network on the test digits")):
+            assert any(u.startswith(f"{cell} (judge: {reason}") for u in lying.unverified), \
+                f"{cell}: {lying.unverified}\n{report}"
     # the attacks on the judge, on every assignment: no escape, no instructor file in sight, nothing planted
     assert "escape won: []" in _printed(course, "escape", name, notebook_file.name), report
     assert "instructor files found: 0" in _printed(course, "read_solutions", name, notebook_file.name), report

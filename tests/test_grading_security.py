@@ -343,6 +343,148 @@ def test_hw6_policy_flags_the_answers_of_the_score_based_parts(cell, code, answe
     assert review.review_source([("pf_ode", "", tools)], policy) == []
 
 
+
+@pytest.mark.parametrize("cell, code, answer", [
+    ("path", "x_t = flow_matching.OTPath(sigma_min).interpolate(x0, x1, t)", "OTPath"),
+    ("path", "path = flow_matching.make_path('ot')", "make_path"),
+    ("path", "u_t = path.conditional_velocity(x0, x1, t)", "conditional_velocity"),
+    ("cfm", "from dgmlib.flow_matching import cfm_loss as reference", "cfm_loss"),
+    ("euler", "def euler_sample(velocity_fn, x0, num_steps, t_end=1.0):\n"
+              "    return flow_matching.euler_sample(velocity_fn, x0, num_steps, t_end)", "euler_sample"),
+    ("heun", "step = getattr(flow_matching, 'heun_sample')", "heun_sample"),
+    ("heun", "x, nfe = flow_matching.sample_ode(velocity_fn, x0, 'heun', num_steps)", "sample_ode"),
+    ("heun", "x = fm.odeint(lambda t, x: velocity_fn(x, t.expand(len(x))), x0, times, method='rk4')[-1]", "odeint"),
+    ("guidance", "guided_velocity = flow_matching.guided_velocity", "guided_velocity"),
+    ("guidance", "net = flow_matching.GuidedNet(net, labels, w)", "GuidedNet"),
+    ("reflow", "x0, x1 = flow_matching.reflow_pairs(velocity_fn, x0, 'heun', num_steps)", "reflow_pairs"),
+    ("reflow", "s = flow_matching.straightness(velocity_fn, x0, num_steps)", "straightness"),
+    ("train", "cond_model = flow_matching.FlowMatching(net, (1, 8, 8), num_classes=10)", "FlowMatching"),
+])
+def test_hw7_policy_flags_the_answers_of_flow_matching(cell, code, answer):
+    """hw7's own policy (from its source notebook) flags a cell that delegates to dgmlib.flow_matching's path, loss,
+    samplers (torchdiffeq's odeint among them, by a module that imported it), guidance, reflow or model, by any route."""
+    policy = review.Policy.from_notebook(
+        json.loads((ROOT / "solutions" / "hw7_flow_matching" / "hw7_flow_matching.ipynb").read_text()))
+    flags = review.review_source([(cell, "", "from dgmlib import flow_matching\nfm = flow_matching\n" + code)], policy)
+    assert any("an answer" in f and answer in f for f in flags), flags
+    # the tools hw7 hands out: the closed-form marginal field, the label packing, the U-Net and the classifier
+    tools = ("from dgmlib import diffusion, flow_matching, vq\n"
+             "u = flow_matching.gaussian_marginal_velocity(path, x, t, m, s)\n"
+             "packed = flow_matching.pack_labels(images, labels)\nnet = diffusion.UNet(1, base=16, num_classes=10)\n"
+             "x1 = diffusion.levels_to_unit(levels, 17)\nclassifier = vq.digit_classifier()")
+    assert review.review_source([("train", "", tools)], policy) == []
+
+
+def test_hw7_stripped_library_withholds_the_answers_and_keeps_the_tools(tmp_path):
+    """With hw7's answers withheld, the kernel's dgmlib.flow_matching raises for the path, the loss, every sampler,
+    guidance, reflow and the models, however they are reached (a sampler that calls dgmlib's earns nothing), while the
+    tools its tests and instructions use still work: gaussian_marginal_velocity with the test cell's own path
+    object, pack_labels, and the class-conditional U-Net."""
+    policy = review.Policy.from_notebook(
+        json.loads((ROOT / "solutions" / "hw7_flow_matching" / "hw7_flow_matching.ipynb").read_text()))
+    strip.stripped_copy([name for names in policy.answers.values() for name in names], tmp_path)
+    check = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from dgmlib import diffusion, flow_matching as fm
+assert fm.__file__.startswith(sys.argv[1])
+x, t = torch.randn(4, 2), torch.rand(4)
+field = lambda x, t: -x
+calls = {"OTPath": lambda: fm.OTPath(0.1), "make_path": lambda: fm.make_path("ot"),
+         "cfm_loss": lambda: fm.cfm_loss(field, x, x, t, None),
+         "interpolate": lambda: fm.ProbabilityPath.interpolate(None, x, x, t),
+         "euler_sample": lambda: fm.euler_sample(field, x, 4), "heun_sample": lambda: fm.heun_sample(field, x, 4),
+         "midpoint_sample": lambda: fm.midpoint_sample(field, x, 4), "sample_ode": lambda: fm.sample_ode(field, x),
+         "ode_sample": lambda: fm.ode_sample(field, x), "straightness": lambda: fm.straightness(field, x),
+         "guided_velocity": lambda: fm.guided_velocity(x, x, 2.0), "reflow_pairs": lambda: fm.reflow_pairs(field, x),
+         "FlowMatching": lambda: fm.FlowMatching(diffusion.UNet(1, base=8), (1, 8, 8))}
+for name, call in calls.items():
+    try:
+        call()
+        print(name, "ran")
+    except RuntimeError as e:
+        print(name, "withheld" if "withheld while grading" in str(e) else e)
+class StraightPath:
+    def alpha_sigma(self, t):
+        return t, 1 - t
+    def alpha_sigma_dot(self, t):
+        return torch.ones_like(t), -torch.ones_like(t)
+u = fm.gaussian_marginal_velocity(StraightPath(), x, t, torch.zeros(2), torch.ones(2))
+gain = ((2 * t - 1) / (t ** 2 + (1 - t) ** 2))[:, None]  # N(0, I) data: E[x1 - x0 | x_t = x] in closed form
+assert u.shape == (4, 2) and torch.allclose(u, gain * x)
+assert fm.pack_labels(torch.zeros(3, 1, 8, 8), torch.arange(3)).shape == (3, 65)
+out = diffusion.UNet(1, base=8, num_classes=10)(torch.zeros(2, 1, 8, 8), torch.ones(2), torch.tensor([3, 10]))
+assert out.shape == (2, 1, 8, 8)
+print("tools work")
+"""
+    out = subprocess.run([sys.executable, "-c", check, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[:-1] == [f"{name} withheld" for name in ("OTPath", "make_path", "cfm_loss", "interpolate",
+                          "euler_sample", "heun_sample", "midpoint_sample", "sample_ode", "ode_sample",
+                          "straightness", "guided_velocity", "reflow_pairs", "FlowMatching")], out.stdout
+    assert lines[-1] == "tools work"
+
+
+def test_hw7_judges_refuse_hard_coded_and_shortcut_answers(tmp_path):
+    """Answers that pass hw7's visible checks without doing the work earn nothing from the judges: the visible tests'
+    values hard-coded (or read back from a file), a guided field that returns the conditional field (right at w = 1,
+    the scale the model is trained to), samplers that integrate the visible test's linear field in closed form (too
+    accurate: no order) or run Euler with 2N steps for Heun (the same evaluations, order 1), and reflow pairs that
+    return the data of the visible test whatever the field."""
+    from dgmlib.grading.judge import judge_locally, load_judges
+
+    judges = load_judges(ROOT / "solutions" / "hw7_flow_matching" / "judge.py")
+    g = torch.Generator().manual_seed(0)
+    visible = {"x_t": torch.randn(4, 3, generator=g, dtype=torch.float64)}  # what a cache of the visible test holds
+    torch.save(visible, tmp_path / "expected.pt")
+
+    def closed_form(spec, x0, n, t_end):  # the exact solution of a linear field (and x0 for any other)
+        if spec["kind"] != "linear":
+            return x0
+        lam, beta, omega = spec["lam"], spec["beta"], spec["omega"]
+        forced = (omega * math.sin(omega * t_end) - lam * math.cos(omega * t_end) + lam * math.exp(lam * t_end)) \
+            / (lam ** 2 + omega ** 2)
+        return math.exp(lam * t_end) * x0 + beta * forced
+
+    def euler_twice(spec, x0, n, t_end):  # 2N Euler steps: Heun's count of evaluations, Euler's order
+        field, h, x = _hw7_field(spec), t_end / (2 * n), x0
+        for k in range(2 * n):
+            x = x + h * field(x, torch.full((len(x),), k * h, dtype=x.dtype))
+        return x
+
+    cases = [
+        ("test_ot_path", {"ot_path": lambda x0, x1, t, s: (visible["x_t"], visible["x_t"])}),
+        ("test_ot_path", {"ot_path": lambda x0, x1, t, s: tuple(
+            torch.load(tmp_path / "expected.pt")["x_t"] for _ in range(2))}),
+        ("test_cfm", {"cfm_loss_of": lambda spec, x0, x1, t, s: torch.zeros(len(x0)),
+                      "cfm_grad_of": lambda *args: [torch.zeros(2, 2), torch.zeros(2), torch.zeros(2)]}),
+        ("test_guidance", {"guided_velocity": lambda v_cond, v_uncond, w: v_cond,
+                           "guided_field_of": lambda spec, labels, w, x, t: torch.zeros_like(x)}),
+        ("test_euler", {"euler_of": closed_form}),
+        ("test_heun", {"heun_of": closed_form}),
+        ("test_heun", {"heun_of": euler_twice}),
+        ("test_reflow", {"reflow_pairs_of": lambda spec, n, shape, steps, seed: (torch.zeros(n, *shape),) * 2,
+                         "reflow_loss_of": lambda spec, x0, x1, t: torch.zeros(len(x0)),
+                         "straightness_of": lambda spec, x0, steps: torch.zeros(len(x0))}),
+    ]
+    for grade_id, exposed in cases:
+        for seed in (0, 1):
+            passed, message = judge_locally(judges[grade_id], exposed, seed=seed)
+            assert not passed, (grade_id, seed, message)
+
+
+def _hw7_field(spec):
+    """hw7's fields cell's ``make_field``, run from the source notebook (the judge's own copy is private)."""
+    cells = json.loads((ROOT / "solutions" / "hw7_flow_matching" / "hw7_flow_matching.ipynb").read_text())["cells"]
+    namespace: dict = {}
+    for cell in cells:
+        if cell["metadata"].get("nbgrader", {}).get("grade_id") in ("setup", "fields"):
+            exec("".join(cell["source"]), namespace)
+    return namespace["make_field"](spec)
+
 # ---------------------------------------------------------------- similarity (winnowing; more in test_similarity.py)
 
 

@@ -486,3 +486,154 @@ def test_hw6_score_judges_pass_the_reference_and_fail_the_classic_mistakes():
         for seed in (0, 1, 2):
             passed, message = judge_locally(judges[grade_id], exposed, seed=seed)
             assert not passed and reason in message, (grade_id, seed, message)
+
+
+def _hw7_parts() -> tuple[dict, dict]:
+    """hw7's Parts 1-6 (no training) as the solution notebook runs them: the setup, fields, solution and test cells,
+    each test cell's ``grading.probe`` recording what it exposes. Returns the namespace and grade_id -> exposed."""
+    import json
+
+    recorded: dict = {}
+    namespace = {"__name__": "hw7_parts", "__record__": lambda name, **exposed: recorded.__setitem__(name, exposed)}
+    cells = json.loads((ROOT / "solutions" / "hw7_flow_matching" / "hw7_flow_matching.ipynb").read_text())["cells"]
+    wanted = ("setup", "fields", "path", "test_ot_path", "cfm", "test_cfm", "euler", "test_euler", "heun", "test_heun",
+              "guidance", "test_guidance", "reflow", "test_reflow")
+    for cell in cells:
+        grade_id = cell["metadata"].get("nbgrader", {}).get("grade_id")
+        if cell["cell_type"] == "code" and grade_id in wanted:  # the visible checks run too, and must pass
+            exec(compile("".join(cell["source"]).replace("grading.probe(", "__record__("), grade_id, "exec"), namespace)
+    return namespace, recorded
+
+
+def test_hw7_judges_pass_the_reference_and_fail_the_classic_mistakes():
+    """hw7's judges of Parts 1-6 pass the solution's own code at several secret seeds, and fail, each with a reason
+    that names the formula, the mistakes a student makes: the path's target without sigma_min or with its sign
+    flipped, a CFM loss with the wrong sign, without sigma_min in the target or averaged over the pixels, Euler
+    evaluating the field at the end of its step, Heun without its corrector or with the corrector at the old time,
+    the guidance weights swapped (or the conditional field returned whatever w), a guided field that never asks for
+    the empty label, reflow pairs with fresh noise on either side, a reflow loss with sigma_min > 0, and a
+    straightness measured against the wrong displacement."""
+    ns, probes = _hw7_parts()
+    judges = load_judges(ROOT / "solutions" / "hw7_flow_matching" / "judge.py")
+    assert set(probes) == {"test_ot_path", "test_cfm", "test_euler", "test_heun", "test_guidance", "test_reflow"}
+    for grade_id, exposed in probes.items():
+        for seed in (0, 1, 2):
+            assert judge_locally(judges[grade_id], exposed, seed=seed) == (True, "passed"), (grade_id, seed)
+    ot_path, make_field, make_cond_field = ns["ot_path"], ns["make_field"], ns["make_cond_field"]
+    heun_sample, guided_velocity, cfm_loss = ns["heun_sample"], ns["guided_velocity"], ns["cfm_loss"]
+
+    def times(x, t):
+        return torch.full((len(x),), t, dtype=x.dtype)
+
+    def cfm_with(target, reduce="sum"):  # a CFM loss whose target is target(x0, x1, sigma_min)
+        def loss(velocity_fn, x0, x1, t, sigma_min):
+            x_t, _ = ot_path(x0, x1, t, sigma_min)
+            squares = (velocity_fn(x_t, t) - target(x0, x1, sigma_min)).pow(2).flatten(1)
+            return squares.sum(1) if reduce == "sum" else squares.mean(1)
+        return {"cfm_loss_of": lambda spec, x0, x1, t, s: loss(make_field(spec), x0, x1, t, s),
+                "cfm_grad_of": ns["cfm_grads"]}
+
+    def euler_late(velocity_fn, x0, num_steps, t_end=1.0):  # the field at the end of the step
+        h, x = t_end / num_steps, x0
+        for k in range(num_steps):
+            x = x + h * velocity_fn(x, times(x, (k + 1) * h))
+        return x
+
+    def heun_no_corrector(velocity_fn, x0, num_steps, t_end=1.0):
+        h, x = t_end / num_steps, x0
+        for k in range(num_steps):
+            x = x + h * velocity_fn(x, times(x, k * h))
+        return x
+
+    def heun_old_time(velocity_fn, x0, num_steps, t_end=1.0):  # the corrector's field at t_k, not t_(k+1)
+        h, x = t_end / num_steps, x0
+        for k in range(num_steps):
+            v = velocity_fn(x, times(x, k * h))
+            x = x + 0.5 * h * (v + velocity_fn(x + h * v, times(x, k * h)))
+        return x
+
+    def sampler(name, fn):
+        return {f"{name}_of": lambda spec, x0, n, t_end: fn(make_field(spec), x0, n, t_end)}
+
+    def guidance(combine, ask_empty=True):
+        def field_of(spec, labels, w, x, t):
+            velocity = make_cond_field(spec)
+            return combine(velocity(x, t, labels), velocity(x, t, None if ask_empty else labels), w)
+        return {"guided_velocity": combine, "guided_field_of": field_of}
+
+    def swapped(v_cond, v_uncond, w):
+        return v_cond + w * (v_uncond - v_cond)
+
+    def pairs_of(fresh_side):
+        def pairs(spec, n, shape, num_steps, seed):
+            g = torch.Generator().manual_seed(seed)
+            x0, other = torch.randn((n, *shape), generator=g), torch.randn((n, *shape), generator=g)
+            with torch.no_grad():
+                if fresh_side == "x0":  # x0 drawn again after the noise that was integrated
+                    return other, heun_sample(make_field(spec), x0, num_steps)
+                return x0, heun_sample(make_field(spec), other, num_steps)
+        return {**probes["test_reflow"], "reflow_pairs_of": pairs}
+
+    def straightness_from_start(spec, x0, num_steps):  # |(x_k - x_0) - v| in place of |(x_N - x_0) - v|
+        field, h, x, total = make_field(spec), 1.0 / num_steps, x0, 0
+        for k in range(num_steps):
+            v = field(x, times(x, k * h))
+            total = total + (x - x0 - v).pow(2).flatten(1).sum(1)
+            x = x + h * v
+        return total / num_steps
+
+    path_message = "u_t = x1 - (1 - sigma_min) x0"
+    loss_message = "the sum over the non-batch dimensions of (v(x_t, t) - u_t)^2"
+    wrong = [
+        ("test_ot_path", {"ot_path": lambda x0, x1, t, s: (ot_path(x0, x1, t, s)[0], x1 - x0)}, path_message),
+        ("test_ot_path", {"ot_path": lambda x0, x1, t, s: (ot_path(x0, x1, t, s)[0], (1 - s) * x0 - x1)}, path_message),
+        ("test_cfm", cfm_with(lambda x0, x1, s: (1 - s) * x0 - x1), loss_message),
+        ("test_cfm", cfm_with(lambda x0, x1, s: x1 - x0), loss_message),
+        ("test_cfm", cfm_with(lambda x0, x1, s: x1 - (1 - s) * x0, reduce="mean"), loss_message),
+        ("test_euler", sampler("euler", euler_late), "x_(k+1) = x_k + h v(x_k, t_k)"),
+        ("test_heun", sampler("heun", heun_no_corrector), "x_(k+1) = x_k + h/2"),
+        ("test_heun", sampler("heun", heun_old_time), "x_(k+1) = x_k + h/2"),
+        ("test_guidance", guidance(swapped), "v_uncond + w (v_cond - v_uncond)"),
+        ("test_guidance", guidance(lambda v_cond, v_uncond, w: v_cond), "v_uncond + w (v_cond - v_uncond)"),
+        ("test_guidance", {**guidance(guided_velocity), **{"guided_field_of": guidance(guided_velocity, False)[
+            "guided_field_of"]}}, "the guided field"),
+        ("test_reflow", pairs_of("x0"), "drawn once"),
+        ("test_reflow", pairs_of("x1"), "the pairs are the flow of the noise"),
+        ("test_reflow", {**probes["test_reflow"], "reflow_loss_of": lambda spec, x0, x1, t: cfm_loss(
+            make_field(spec), x0, x1, t, 0.05)}, "the reflow loss"),
+        ("test_reflow", {**probes["test_reflow"], "straightness_of": straightness_from_start}, "S: the mean over k"),
+    ]
+    for grade_id, exposed, reason in wrong:
+        for seed in (0, 1, 2):
+            passed, message = judge_locally(judges[grade_id], exposed, seed=seed)
+            assert not passed and reason in message, (grade_id, seed, message)
+
+
+def test_hw7_model_judges_measure_the_parameters_not_the_sampler():
+    """hw7's judges of the trained model load ``cond_model.net`` into the instructed U-Net and measure it there: an
+    untrained network whose sampler returns real test digits of the asked labels (which the classifier reads right)
+    fails the sampler's replay and the network's loss; a network of another architecture fails to load."""
+    from dgmlib import data, diffusion
+
+    judges = load_judges(ROOT / "solutions" / "hw7_flow_matching" / "judge.py")
+    real, real_labels = diffusion.levels_to_unit(data.load_digits("test"), 17), data.load_digit_labels("test")
+
+    class Lying(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def sample(self, labels, w, num_steps=10, generator=None):
+            return real[[int(torch.nonzero(real_labels == int(c))[i % 20]) for i, c in enumerate(labels)]]
+
+    torch.manual_seed(0)
+    model = Lying(diffusion.UNet(1, base=16, num_classes=10))
+    exposed = {"cond_model": model, "val_losses": lambda: [30.0],
+               "sample_of": lambda labels, w, steps, seed: model.sample(labels, w, steps)}
+    passed, message = judge_locally(judges["test_cond_sampler"], exposed)
+    assert not passed and "cond_model.sample: x0 = torch.randn" in message, message
+    passed, message = judge_locally(judges["test_cond_digits"], exposed)
+    assert not passed and "the CFM loss of your network on the test digits" in message, message
+    unconditional = Lying(diffusion.UNet(1, base=16))
+    passed, message = judge_locally(judges["test_cond_digits"], {**exposed, "cond_model": unconditional})
+    assert not passed and "do not fit diffusion.UNet(1, base=BASE, num_classes=10)" in message, message
