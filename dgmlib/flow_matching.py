@@ -54,6 +54,7 @@ from dgmlib.cnf import CNF
 from dgmlib.device import module_device, module_dtype, rand, randn
 from dgmlib.diffusion import levels_to_unit
 from dgmlib.ode import SOLVERS
+from dgmlib.score import VPSDE
 
 __all__ = [
     "COUPLINGS",
@@ -176,10 +177,11 @@ class OTPath(ProbabilityPath):
 
 
 class VPPath(ProbabilityPath):
-    """The variance-preserving (diffusion) path of Lipman et al. Eq. 18-19: α_t = exp(-½ T(1 - t)),
-    σ_t = √(1 - α_t²) with T(s) = β_min s + ½ (β_max - β_min) s², the VP SDE of Song et al. 2021 run
-    backwards in time (``dgmlib.score.VPSDE`` with the same β). Its speed σ̇_t = -α_t α̇_t / σ_t diverges at
-    t = 1, so it is used on [0, ``t_max``] with t_max = 1 - 1e-3.
+    """The variance-preserving (diffusion) path of Lipman et al. Eq. 18-19: lecture 11's VP SDE
+    (``dgmlib.score.VPSDE``, β linear from β_min to β_max) run backwards in time, α_t = α_SDE(1 - t) =
+    exp(-½ T(1 - t)), σ_t = √(1 - α_t²) with T(s) = ∫_0^s β; so α̇_t = ½ β(1 - t) α_t (the SDE's drift
+    f = d log α / ds = -½ β, reversed) and σ̇_t = -α_t α̇_t / σ_t. That speed diverges at t = 1, so the path is
+    used on [0, ``t_max``] with t_max = 1 - 1e-3. Computed in float64 and cast to ``t``'s dtype.
 
     Raises:
         ValueError: unless 0 < β_min < β_max.
@@ -188,23 +190,16 @@ class VPPath(ProbabilityPath):
     t_max = 1.0 - 1e-3
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
-        if not 0 < beta_min < beta_max:
-            raise ValueError(f"need 0 < beta_min < beta_max, got {beta_min} and {beta_max}")
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-
-    def _alpha_and_rate(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        s = 1 - t.double()
-        alpha = torch.exp(-0.5 * (self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s ** 2))
-        return alpha, 0.5 * (self.beta_min + (self.beta_max - self.beta_min) * s)  # α, d log α / dt = ½ β(1 - t)
+        self.sde = VPSDE(beta_min, beta_max)
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, _ = self._alpha_and_rate(t)
-        return alpha.to(t.dtype), (-torch.expm1(2 * alpha.log())).sqrt().to(t.dtype)
+        alpha, sigma = self.sde.alpha_sigma(1 - t.double())
+        return alpha.to(t.dtype), sigma.to(t.dtype)
 
     def alpha_sigma_dot(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        alpha, rate = self._alpha_and_rate(t)
-        d_alpha = alpha * rate
-        sigma = (-torch.expm1(2 * alpha.log())).sqrt()
+        s = 1 - t.double()
+        alpha, sigma = self.sde.alpha_sigma(s)
+        d_alpha = 0.5 * self.sde.beta(s) * alpha
         return d_alpha.to(t.dtype), (-alpha * d_alpha / sigma).to(t.dtype)
 
 
@@ -368,7 +363,8 @@ def ode_sample(velocity_fn: VelocityFn, x0: Tensor, method: str = "dopri5", rtol
 def sample_ode(velocity_fn: VelocityFn, x0: Tensor, sampler: str = "dopri5", num_steps: int = 10,
                t_end: float = 1.0) -> tuple[Tensor, int]:
     """Integrate from x0 at 0 to ``t_end`` with one of ``SAMPLERS``: ``(x, NFE)``; ``num_steps`` is ignored
-    by the adaptive ``dopri5`` (rtol = atol = 1e-5).
+    by the adaptive ``dopri5`` (rtol = atol = 1e-5). Like the samplers it calls, it is differentiable: autograd
+    keeps every step's graph, so sample under ``torch.no_grad()`` (``FlowMatching.sample`` does).
 
     Raises:
         ValueError: for an unknown sampler or a bad ``num_steps``.
