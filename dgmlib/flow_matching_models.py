@@ -33,16 +33,22 @@ from dgmlib import diffusion, plots, vq
 from dgmlib import flow_matching as fm
 from dgmlib.config import pick
 from dgmlib.data import (
-    TOY_DENSITIES,
     ImageData,
     ToyData,
     load_digit_labels,
     load_digits,
-    toy_entropy,
 )
 from dgmlib.device import module_device
-from dgmlib.models import MAX_TEST_IMAGES, Data, ModelSpec, Option, register, samples_in_unit_interval
+from dgmlib.models import (
+    MAX_TEST_IMAGES,
+    Data,
+    ModelSpec,
+    Option,
+    register,
+    samples_in_unit_interval,
+)
 from dgmlib.results import Column, number
+from dgmlib.score_models import _synchronize, _toy_entropy
 from dgmlib.train import fit
 
 __all__ = ["GUIDANCE_SCALES", "REPORTED_GUIDANCE"]
@@ -108,7 +114,7 @@ def _inputs(model: nn.Module, d: Data, split: str) -> Tensor:
 
 
 def _timed(model: nn.Module, draw: Callable[[], Tensor]) -> tuple[Tensor, float]:
-    sync = torch.cuda.synchronize if module_device(model).type == "cuda" else (lambda: None)
+    sync = _synchronize(model)
     sync()
     start = time.perf_counter()
     samples = draw()
@@ -180,10 +186,7 @@ def _nll(model: fm.FlowMatching, data: Data, seed: int) -> dict:
     else:
         metrics.update(nll_method="exact (ODE)", likelihood=f"-log p(x) of the ODE (exact trace, dopri5, rtol = atol "
                                                             f"= 1e-5) on {len(test)} test points, nats per point")
-        if data.name in TOY_DENSITIES:
-            entropy, se = toy_entropy(data.name, seed=seed + 123)
-            metrics.update(true_entropy_nats=entropy, true_entropy_se_nats=se,
-                           entropy_gap_nats=metrics["test_nll_nats"] - entropy)
+        _toy_entropy(metrics, data, seed, "test_nll_nats")
     return metrics
 
 

@@ -100,11 +100,12 @@ def _samples_and_distances(model: nn.Module, data: Data, seed: int,
     return metrics
 
 
-def _toy_entropy(metrics: dict, data: Data, seed: int) -> None:
+def _toy_entropy(metrics: dict, data: Data, seed: int, nll_key: str = "ode_nll_nats") -> None:
+    """Add a 2D toy's true entropy and the gap of ``metrics[nll_key]`` to it (also for ``flow_matching``)."""
     if isinstance(data, ToyData) and data.name in TOY_DENSITIES:
         entropy, se = toy_entropy(data.name, seed=seed + 123)
         metrics.update(true_entropy_nats=entropy, true_entropy_se_nats=se,
-                       entropy_gap_nats=metrics["ode_nll_nats"] - entropy)
+                       entropy_gap_nats=metrics[nll_key] - entropy)
 
 
 def _ode_nll(model: score.ScoreSDE | score.VDM, x: Tensor, images: bool, seed: int) -> dict:
